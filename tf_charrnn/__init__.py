@@ -1,0 +1,7 @@
+"""tf_charrnn: character-level RNN language models trained with TensorFlow/Keras 3.
+
+Data flows one way: text file -> Vocab + ids (data) -> TextLoader batches -> model (models)
+-> train step (train) -> checkpoint in a run directory (runs) -> Generator (sample) -> text.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,221 @@
+"""Bytes to text, and Hangul syllables to jamo and back.
+
+This module owns two steps between a corpus file and the vocabulary:
+
+* Decoding. `read_text` / `decode_bytes` turn a file's bytes into a str without ever dropping or
+  replacing a byte: a forced encoding is used strictly; otherwise a byte-order mark decides, else
+  NUL bytes mean binary, else strict UTF-8, else the charset detector (Korean legacy files are
+  read as CP949, the superset of EUC-KR), and every guess is verified by a strict decode. Line
+  endings are kept exactly.
+* Hangul. A precomposed syllable (U+AC00..U+D7A3, 11,172 of them) is one character to a char-RNN,
+  so a Korean corpus has a vocabulary of a couple of thousand rare symbols. `decompose_hangul`
+  splits each syllable into its two or three conjoining jamo (initial L, medial V, optional final
+  T; a few dozen symbols in all) and `compose_hangul` puts sampled jamo back together.
+  `compose_hangul(decompose_hangul(t)) == t` for every str t: characters that were already
+  conjoining jamo (U+1100..U+11FF), and the escape mark itself, are prefixed with the escape mark
+  HANGUL_ESCAPE on the way in, so compose can tell them from jamo that decompose produced.
+"""
+
+import codecs
+import re
+from pathlib import Path
+
+import numpy as np
+from charset_normalizer import from_bytes
+
+from tf_charrnn.errors import CharRNNError
+
+# Byte-order marks, longest first: the UTF-32-LE mark starts with the UTF-16-LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+# Encodings the detector may name for Korean text; CP949 decodes all of EUC-KR and more.
+_KOREAN_ENCODINGS = frozenset({"euc_kr", "cp949", "uhc", "johab"})
+
+# KS X 1001 "Hangul filler": an EUC-KR file spells syllables outside KS X 1001 (e.g. 똠) as the
+# filler plus three jamo. Python's euc_kr codec reads those back as one syllable; cp949 does not.
+_EUC_KR_FILLER = b"\xa4\xd4"
+
+# When the detector's best guess names several codecs that give the same text, report the
+# commonest one, so that a Western file is cp1252 rather than, say, cp1257.
+_PREFERRED_EQUIVALENTS = ("cp1252", "iso8859_1", "cp949", "cp932", "gb18030", "big5")
+
+_ENCODING_HINT = "e.g. --encoding utf-8, cp949, shift_jis or latin-1"
+
+HANGUL_ESCAPE = "\ue000"
+
+_S_BASE, _S_COUNT = 0xAC00, 11172
+_L_BASE, _V_BASE, _T_BASE = 0x1100, 0x1161, 0x11A7  # _T_BASE + 0 means "no final"
+_V_COUNT, _T_COUNT = 21, 28
+_N_COUNT = _V_COUNT * _T_COUNT  # syllables per initial: 588
+_JAMO_FIRST, _JAMO_LAST = 0x1100, 0x11FF
+_ESCAPE_CODE = ord(HANGUL_ESCAPE)
+
+_SYLLABLE_RE = re.compile("[\uac00-\ud7a3]")
+# An escape pair, or an unescaped L V [T] run that decompose_hangul produced.
+_COMPOSE_RE = re.compile(
+    f"{HANGUL_ESCAPE}(.)|([\u1100-\u1112])([\u1161-\u1175])([\u11a8-\u11c2])?", re.DOTALL
+)
+
+
+def _codec_name(encoding):
+    return codecs.lookup(encoding).name
+
+
+def _strict_decode(raw, encoding, name):
+    """Decode with one codec, no replacement; any failure is a one-line CharRNNError."""
+    try:
+        codec = _codec_name(encoding)
+    except LookupError:
+        raise CharRNNError(
+            f"unknown encoding {encoding!r} for {name}: "
+            f"give a codec Python knows ({_ENCODING_HINT})"
+        ) from None
+    try:
+        return raw.decode(codec), codec
+    except UnicodeDecodeError as error:
+        raise CharRNNError(
+            f"cannot decode {name} as {codec}: {error.reason} at byte offset {error.start}; "
+            f"try a different --encoding ({_ENCODING_HINT})"
+        ) from None
+
+
+def _detected_candidates(raw):
+    """Codecs to try, best first, from the charset detector; empty when it has no guess."""
+    matches = from_bytes(raw)
+    best = matches.best()
+    if best is None:
+        return []
+    candidates = []
+    if best.encoding in _KOREAN_ENCODINGS or best.language == "Korean":
+        if _EUC_KR_FILLER in raw:
+            candidates.append("euc_kr")
+        candidates.append("cp949")
+    equivalents = best.could_be_from_charset
+    candidates += [name for name in _PREFERRED_EQUIVALENTS if name in equivalents]
+    candidates.append(best.encoding)
+    candidates += [match.encoding for match in matches]
+    return list(dict.fromkeys(candidates))
+
+
+def decode_bytes(raw: bytes, encoding: str | None = None, name: str = "input") -> tuple[str, str]:
+    """Decode a file's bytes; return (text, name of the codec used).
+
+    `encoding` forces a codec (strictly). Without it: a byte-order mark picks UTF-8/16/32; else
+    any NUL byte means binary; else strict UTF-8, then the charset detector, each guess checked
+    by a strict decode. `name` (usually the path) appears in error messages.
+    """
+    if encoding is not None:
+        return _strict_decode(raw, encoding, name)
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):
+            try:
+                return raw.decode(codec), codec
+            except UnicodeDecodeError:
+                # FF FE 00 00 is also a UTF-16-LE mark followed by a NUL character.
+                continue
+    # Before UTF-8: NUL is valid UTF-8, but text almost never holds it, while binary files and
+    # UTF-16/32 without a byte-order mark (ASCII-range UTF-16 is valid UTF-8) are full of it.
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise CharRNNError(
+            f"{name} looks binary (NUL bytes at offset {nul}): give a text file, or pass "
+            f"--encoding (e.g. utf-16-le) if it is UTF-16/32 text without a byte-order mark"
+        )
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    for codec in _detected_candidates(raw):
+        try:
+            return raw.decode(codec), _codec_name(codec)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    raise CharRNNError(
+        f"{name} is binary or in an unknown encoding: if it is text, pass --encoding "
+        f"({_ENCODING_HINT})"
+    )
+
+
+def read_text(path, encoding: str | None = None) -> tuple[str, str]:
+    """Read a text file; return (text, name of the codec used). See decode_bytes."""
+    path = Path(path)
+    if path.is_dir():
+        raise CharRNNError(f"{path} is a directory, not a text file: give the path of a file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CharRNNError(f"text file {path} does not exist: check the path") from None
+    except OSError as error:
+        raise CharRNNError(
+            f"cannot read {path}: {error.strerror or error}; check the path and its permissions"
+        ) from None
+    if not raw:
+        raise CharRNNError(f"text file {path} is empty: give a file with some text in it")
+    return decode_bytes(raw, encoding, name=str(path))
+
+
+def contains_hangul(text: str) -> bool:
+    """True when text has a precomposed Hangul syllable, the thing decompose_hangul splits."""
+    return _SYLLABLE_RE.search(text) is not None
+
+
+def decompose_hangul(text: str) -> str:
+    """Split every Hangul syllable into conjoining jamo; escape pre-existing jamo and escapes.
+
+    Vectorised over code points with numpy: about 0.4 s for 10 MB of UTF-8 Korean prose
+    (3.4 M syllables) on one CPU core.
+    """
+    if not text:
+        return text
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    is_syllable = (codes >= _S_BASE) & (codes < _S_BASE + _S_COUNT)
+    is_escaped = ((codes >= _JAMO_FIRST) & (codes <= _JAMO_LAST)) | (codes == _ESCAPE_CODE)
+    syllables = codes[is_syllable] - np.uint32(_S_BASE)
+    finals = syllables % _T_COUNT
+    has_final = finals > 0
+    # Output code points per input code point: 1 plain, 2 escaped or LV, 3 LVT.
+    lengths = np.ones(codes.size, dtype=np.int64)
+    lengths[is_syllable] += 1 + has_final
+    lengths[is_escaped] += 1
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    out = np.empty(int(ends[-1]), dtype="<u4")
+
+    plain = ~(is_syllable | is_escaped)
+    out[starts[plain]] = codes[plain]
+
+    escaped_starts = starts[is_escaped]
+    out[escaped_starts] = _ESCAPE_CODE
+    out[escaped_starts + 1] = codes[is_escaped]
+
+    syllable_starts = starts[is_syllable]
+    out[syllable_starts] = _L_BASE + syllables // _N_COUNT
+    out[syllable_starts + 1] = _V_BASE + (syllables % _N_COUNT) // _T_COUNT
+    out[syllable_starts[has_final] + 2] = _T_BASE + finals[has_final]
+    return out.tobytes().decode("utf-32-le", "surrogatepass")
+
+
+def _compose_match(match):
+    escaped, initial, medial, final = match.groups()
+    if escaped is not None:
+        return escaped
+    code = _S_BASE + ((ord(initial) - _L_BASE) * _V_COUNT + ord(medial) - _V_BASE) * _T_COUNT
+    if final is not None:
+        code += ord(final) - _T_BASE
+    return chr(code)
+
+
+def compose_hangul(text: str) -> str:
+    """Inverse of decompose_hangul: join L V [T] jamo runs into syllables, unescape the rest.
+
+    Also safe on sampled text: loose jamo stay as they are, and a dangling escape mark at the
+    end is kept. One regex pass with a Python callback per syllable: about 2 s for the jamo of
+    10 MB of Korean prose, far more than sampling ever produces.
+    """
+    return _COMPOSE_RE.sub(_compose_match, text)
