@@ -28,6 +28,7 @@ import zlib
 from pathlib import Path
 
 from tf_charrnn.errors import CharRNNError, UsageError
+from tf_charrnn.files import sha256_file, temp_file_beside, write_atomic
 
 KNOWN_CORPORA = ("linux_kernel", "shakespeare")
 
@@ -104,14 +105,6 @@ def resolve_corpus(corpus: str, data_dir, *, source=None, max_bytes=None, url=No
 
 # ----------------------------------------------------------------------------- shared plumbing
 
-def _sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _ensure_writable_dir(directory):
     """Create `directory` and prove a file can be written in it, before any expensive work."""
     try:
@@ -125,32 +118,11 @@ def _ensure_writable_dir(directory):
         ) from None
 
 
-def _temp_file(directory, name):
-    """A new temp file beside `directory/name`, so os.replace onto it is atomic."""
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    return os.fdopen(fd, "wb"), Path(temp)
-
-
 def _unlink_quietly(path):
     try:
         path.unlink()
     except OSError:
         pass
-
-
-def _write_atomic(path, data):
-    """Write bytes to `path` so that readers see the old file or the whole new one."""
-    file, temp = _temp_file(path.parent, path.name)
-    try:
-        with file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
 
 
 # ----------------------------------------------------------------------------- linux_kernel
@@ -374,7 +346,7 @@ def build_linux_kernel(data_dir, source=None, max_bytes=None, log=print) -> Path
 
     manifest = _read_manifest(manifest_path) if manifest_path.is_file() else None
     if (manifest is not None and all(manifest.get(key) == value for key, value in wanted.items())
-            and target.is_file() and _sha256_file(target) == manifest.get("sha256")):
+            and target.is_file() and sha256_file(target) == manifest.get("sha256")):
         log(f"reusing {target} ({manifest['file_count']} files, {manifest['bytes']} bytes)")
         return target
 
@@ -400,8 +372,8 @@ def build_linux_kernel(data_dir, source=None, max_bytes=None, log=print) -> Path
                     latin1_files=latin1_files, chars=len(text), bytes=len(data),
                     truncated=truncated, sha256=hashlib.sha256(data).hexdigest())
     # input.txt first: a crash before the manifest lands leaves a sha256 mismatch, so a rebuild.
-    _write_atomic(target, data)
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(target, data)
+    write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     log(f"wrote {target}: {file_count} files, {len(data)} bytes"
         + (f", {latin1_files} read as Latin-1" if latin1_files else ""))
     return target
@@ -447,14 +419,14 @@ def fetch_shakespeare(data_dir, url=None, log=print) -> Path:
     """
     directory = Path(data_dir) / "shakespeare"
     target = directory / "input.txt"
-    if target.is_file() and _sha256_file(target) == SHAKESPEARE_SHA256:
+    if target.is_file() and sha256_file(target) == SHAKESPEARE_SHA256:
         log(f"reusing {target} (sha256 verified)")
         return target
 
     _ensure_writable_dir(directory)
     url = _as_url(url or os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_URL)
     log(f"downloading tiny-shakespeare from {url}")
-    file, temp = _temp_file(directory, target.name)
+    file, temp = temp_file_beside(directory / target.name)
     try:
         with file:
             got = _download(url, file)

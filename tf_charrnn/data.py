@@ -12,19 +12,24 @@ sha256 and the loader options, so a changed input or option rebuilds the cache.
 import hashlib
 import json
 import os
-import tempfile
+import re
 from pathlib import Path
 
 import numpy as np
 
 from tf_charrnn.errors import CharRNNError
+from tf_charrnn.files import sha256_file, temp_file_beside, write_atomic
 from tf_charrnn.text import decode_bytes, decompose_hangul
 
 CACHE_FORMAT = 1
-_CHUNK_CHARS = 1 << 23  # characters per vectorised pass: bounds the UTF-32 scratch to 32 MB
+_CHUNK_CHARS = 1 << 20  # characters per vectorised pass: bounds the scratch arrays to ~12 MB
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _codepoints(text):
+    """Code points of text: uint8 for ASCII (no UTF-32 copy), else uint32."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
@@ -49,8 +54,10 @@ class Vocab:
         if len(set(self.chars)) != len(self.chars):
             raise CharRNNError("vocabulary has duplicate characters: rebuild vocab.json")
         codepoints = _codepoints(self.chars).astype(np.int64)
-        self._sorted_codepoints = np.sort(codepoints)
-        self._sorted_to_id = np.argsort(codepoints, kind="stable").astype(np.int64)
+        self._codepoints = codepoints
+        # code point -> id, -1 where the character is not in the vocabulary
+        self._table = np.full(int(codepoints.max(initial=0)) + 1, -1, dtype=np.int32)
+        self._table[codepoints] = np.arange(len(codepoints), dtype=np.int32)
         self.dtype = ids_dtype(max(len(self.chars), 1))
 
     @classmethod
@@ -76,38 +83,37 @@ class Vocab:
         return self.chars[0]
 
     def _lookup(self, codepoints):
-        """Positions of codepoints among the sorted vocabulary, and which of them are known."""
-        position = np.searchsorted(self._sorted_codepoints, codepoints)
-        position = np.minimum(position, len(self._sorted_codepoints) - 1)
-        return position, self._sorted_codepoints[position] == codepoints
+        """ids of codepoints, -1 for those not in the vocabulary."""
+        inside = codepoints < len(self._table)
+        if inside.all():
+            return self._table[codepoints]
+        return np.where(inside, self._table[np.where(inside, codepoints, 0)], -1)
 
     def unknown_chars(self, text):
         """The characters of text that are not in the vocabulary, in first-seen order."""
         if not text:
             return []
-        codepoints = _codepoints(text).astype(np.int64)
-        _, known = self._lookup(codepoints)
-        return list(dict.fromkeys(chr(c) for c in codepoints[~known]))
+        codepoints = _codepoints(text)
+        unknown = codepoints[self._lookup(codepoints) < 0]
+        return list(dict.fromkeys(chr(c) for c in unknown))
 
     def encode(self, text, out=None):
         """text -> ids [N] in self.dtype; raises CharRNNError on characters not in the vocab."""
         ids = np.empty(len(text), dtype=self.dtype) if out is None else out
         offset = 0
         for chunk in _chunks(text):
-            codepoints = _codepoints(chunk).astype(np.int64)
-            position, known = self._lookup(codepoints)
-            if not known.all():
+            chunk_ids = self._lookup(_codepoints(chunk))
+            if chunk_ids.min(initial=0) < 0:
                 missing = "".join(self.unknown_chars(chunk))
                 raise CharRNNError(f"characters not in the vocabulary: {missing!r}; "
                                    f"remove them or train on a corpus that has them")
-            ids[offset:offset + len(chunk)] = self._sorted_to_id[position]
+            ids[offset:offset + len(chunk)] = chunk_ids
             offset += len(chunk)
         return ids
 
     def decode(self, ids):
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        table = _codepoints(self.chars)
-        return table[ids].astype("<u4").tobytes().decode("utf-32-le")
+        return self._codepoints[ids].astype("<u4").tobytes().decode("utf-32-le")
 
     def to_dict(self):
         return {"chars": self.chars}
@@ -119,7 +125,7 @@ class Vocab:
         return cls(values["chars"])
 
     def save(self, path, **extra):
-        _write_atomic(Path(path), json.dumps({**self.to_dict(), **extra}, ensure_ascii=False,
+        write_atomic(Path(path), json.dumps({**self.to_dict(), **extra}, ensure_ascii=False,
                                              indent=1).encode("utf-8"))
 
     @classmethod
@@ -132,28 +138,6 @@ class Vocab:
             raise CharRNNError(f"{path} is not readable JSON ({error}): restore or delete it") \
                 from None
         return cls.from_dict(values)
-
-
-def _write_atomic(path, payload):
-    """Write bytes to path through a temporary file and os.replace: never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _sha256_file(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_paths(input_path):
@@ -189,6 +173,14 @@ def read_corpus_bytes(input_path):
 def corpus_text(raw, encoding=None, hangul_jamo=False, name="input"):
     """Decode corpus bytes into the text the model trains on: (text, encoding used)."""
     text, used = decode_bytes(raw, encoding, name=name)
+    # utf-7 and the *unicode_escape codecs can yield lone surrogates, which no text holds and
+    # the vocabulary cannot encode; strict UTF-8/16/32 never do, and ASCII cannot.
+    if not used.startswith("utf") or used == "utf-7":
+        surrogate = None if text.isascii() else _LONE_SURROGATE.search(text)
+        if surrogate:
+            raise CharRNNError(f"{name} decoded as {used} holds a lone surrogate "
+                               f"U+{ord(surrogate.group()):04X} at character {surrogate.start()}, "
+                               f"which is not text: pass its real --encoding")
     if hangul_jamo:
         text = decompose_hangul(text)
     return text, used
@@ -205,7 +197,7 @@ class CorpusIds:
         """Ids of input_path from its cache when the cache matches, else built (and cached)."""
         input_path = Path(input_path)
         data_path, vocab_path = cache_paths(input_path)
-        sha256 = _corpus_file_errors(input_path, _sha256_file)
+        sha256 = _corpus_file_errors(input_path, sha256_file)
         key = {"format": CACHE_FORMAT, "input_sha256": sha256, "encoding": encoding,
                "hangul_jamo": bool(hangul_jamo)}
         if use_cache:
@@ -222,8 +214,8 @@ class CorpusIds:
         vocab = Vocab.from_text(text)
         ids = vocab.encode(text)
         del text
-        if use_cache:
-            cls._save_cache(data_path, vocab_path, key, vocab, ids, used, log)
+        if use_cache and cls._save_cache(data_path, vocab_path, key, vocab, ids, used, log):
+            ids = np.load(data_path, mmap_mode="r", allow_pickle=False)  # pages, not a copy
         return cls(vocab, ids, used, sha256)
 
     @classmethod
@@ -235,7 +227,7 @@ class CorpusIds:
             if meta.get("cache_key") != key:
                 return None  # stale: other input bytes or other options
             vocab = Vocab.from_dict(meta)
-            if _sha256_file(data_path) != meta.get("data_sha256"):
+            if sha256_file(data_path) != meta.get("data_sha256"):
                 raise ValueError("data.npy checksum mismatch")
             ids = np.load(data_path, mmap_mode="r", allow_pickle=False)
             if ids.ndim != 1 or ids.dtype != vocab.dtype or len(ids) != meta.get("num_chars"):
@@ -247,23 +239,26 @@ class CorpusIds:
 
     @staticmethod
     def _save_cache(data_path, vocab_path, key, vocab, ids, encoding, log):
+        """Write data.npy then vocab.json (which vouches for it); False when not possible."""
         try:
-            fd, tmp = tempfile.mkstemp(dir=data_path.parent, prefix=".data.", suffix=".npy")
+            handle, tmp = temp_file_beside(data_path)
         except OSError as error:
             log(f"warning: cannot write the id cache beside the corpus ({error.strerror}); "
                 f"continuing without it")
-            return
+            return False
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with handle:
                 np.save(handle, ids, allow_pickle=False)
-            data_sha256 = _sha256_file(tmp)
+            data_sha256 = sha256_file(tmp)
             vocab_path.unlink(missing_ok=True)  # a vocab.json never points at the wrong data.npy
             os.replace(tmp, data_path)
             vocab.save(vocab_path, cache_key=key, encoding=encoding, num_chars=len(ids),
                        data_sha256=data_sha256)
         except OSError as error:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             log(f"warning: could not write the id cache ({error}); continuing without it")
+            return False
+        return True
 
 
 def split_ids(ids, val_fraction):
