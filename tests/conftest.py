@@ -1,5 +1,6 @@
 """Shared fixtures: tiny corpora, the shared tiny-shakespeare copy, float64 Keras."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -33,10 +34,22 @@ def tiny_corpus(tmp_path):
     return path
 
 
+@contextlib.contextmanager
+def keras_dtype(dtype):
+    """Build Keras layers in dtype inside the block. Keras 3 freezes its global dtype policy the
+    first time a layer is built, so the policy is set along with floatx."""
+    previous_floatx, previous_policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(previous_floatx)
+        keras.config.set_dtype_policy(previous_policy)
+
+
 @pytest.fixture
 def float64():
     """Build Keras layers in float64 for the duration of a test."""
-    previous = keras.config.floatx()
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx(previous)
+    with keras_dtype("float64"):
+        yield

@@ -1,0 +1,300 @@
+"""The fused recurrences against Keras's own layers, finite differences, checkpoints and configs.
+
+Sizes: B=3 rows, T=5 steps, D=4 input features, H=8 units.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_charrnn import kernels
+
+B, T, D, H = 3, 5, 4, 8
+KINDS = {
+    "lstm": (keras.layers.LSTM, kernels.FusedLSTM, 2),
+    "gru": (keras.layers.GRU, kernels.FusedGRU, 1),
+    "simple_rnn": (keras.layers.SimpleRNN, kernels.FusedSimpleRNN, 1),
+}
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+COMPILED = [pytest.param(True, id="xla"), pytest.param(False, id="plain")]
+
+
+def _needs_xla(compiled):
+    if compiled and not kernels.xla_loops_available():
+        pytest.skip("XLA cannot compile on this CPU build")
+
+
+def _random_weights(layer, rng):
+    """Keras's initial weights plus noise, so biases and forget gates are not at their defaults."""
+    return [w + 0.3 * rng.standard_normal(w.shape) for w in layer.get_weights()]
+
+
+def _layer_pair(kind, dtype="float64", seed=0, compiled=None, **kwargs):
+    """(stock, fused) layers of one kind, built, with identical random weights."""
+    stock_class, fused_class, _ = KINDS[kind]
+    kwargs = dict(dict(return_sequences=True, return_state=True), **kwargs)
+    stock, fused = stock_class(H, dtype=dtype, **kwargs), fused_class(H, dtype=dtype, **kwargs)
+    fused._fused_compiled = compiled
+    for layer in (stock, fused):
+        layer.build((B, T, D))
+    weights = _random_weights(stock, np.random.default_rng(seed))
+    stock.set_weights(weights)
+    fused.set_weights(weights)
+    return stock, fused
+
+
+def _inputs(kind, dtype, seed=1, steps=T):
+    """x [B, T, D] and random non-zero initial states [B, H]."""
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.standard_normal((B, steps, D)), dtype)
+    states = [tf.constant(rng.standard_normal((B, H)), dtype) for _ in range(KINDS[kind][2])]
+    return x, states
+
+
+def _loss_weights(results, seed=2):
+    """Fixed random cotangents, one per result, so every output carries its own gradient."""
+    rng = np.random.default_rng(seed)
+    return [tf.constant(rng.standard_normal(r.shape), r.dtype) for r in results]
+
+
+def _differentiate(layer, x, states, training=False):
+    """Outputs, final states and gradients w.r.t. x, initial states and the three weights."""
+    with tf.GradientTape() as tape:
+        tape.watch([x] + states)
+        results = layer(x, initial_state=states, training=training)
+        results = list(results) if isinstance(results, (list, tuple)) else [results]
+        loss = tf.add_n([tf.reduce_sum(w * r) for w, r in zip(_loss_weights(results), results)])
+    return results, tape.gradient(loss, [x] + states + layer.cell.trainable_weights)
+
+
+def _run(layer, x, states):
+    results, grads = _differentiate(layer, x, states)
+    return [r.numpy() for r in results], [g.numpy() for g in grads]
+
+
+def _assert_all_close(actual, expected, tolerance):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=tolerance, atol=tolerance)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls that reach the fused recurrence (the rest ran Keras's loop)."""
+    calls = []
+    real = kernels.fused_rnn
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "fused_rnn", counting)
+    return calls
+
+
+@pytest.mark.parametrize("compiled", COMPILED)
+@pytest.mark.parametrize("return_sequences", [True, False])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fused_layer_equals_keras_layer_outputs_states_and_gradients(
+        kind, dtype, return_sequences, compiled, fused_calls):
+    _needs_xla(compiled)
+    stock, fused = _layer_pair(kind, dtype, compiled=compiled, return_sequences=return_sequences)
+    x, states = _inputs(kind, dtype)
+    expected_results, expected_grads = _run(stock, x, states)
+    results, grads = _run(fused, x, states)
+    assert fused_calls == [kind]
+    _assert_all_close(results, expected_results, TOLERANCE[dtype])
+    _assert_all_close(grads, expected_grads, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_train_step_in_tf_function_equals_keras(kind, jit_compile):
+    stock, fused = _layer_pair(kind, "float32")
+    x, states = _inputs(kind, "float32")
+
+    def step(layer):
+        return tf.function(lambda: _differentiate(layer, x, states, training=True),
+                           jit_compile=jit_compile)
+
+    (results, grads), (expected_results, expected_grads) = step(fused)(), step(stock)()
+    _assert_all_close(results + grads, expected_results + expected_grads, TOLERANCE["float32"])
+
+
+def test_unknown_batch_and_time_dimensions_trace_once_and_equal_keras():
+    stock, fused = _layer_pair("lstm", "float64")
+    spec = [tf.TensorSpec([None, None, D], tf.float64), tf.TensorSpec([None, H], tf.float64),
+            tf.TensorSpec([None, H], tf.float64)]
+    run_stock = tf.function(lambda x, h, c: stock(x, initial_state=[h, c]), input_signature=spec)
+    run_fused = tf.function(lambda x, h, c: fused(x, initial_state=[h, c]), input_signature=spec)
+    for steps in (1, T, 2 * T):
+        x, states = _inputs("lstm", "float64", steps=steps)
+        _assert_all_close(run_fused(x, *states), run_stock(x, *states), TOLERANCE["float64"])
+    assert run_fused.experimental_get_tracing_count() == 1
+
+
+def _stack(layer_class, dtype, seed=0):
+    """Two layers of one class; the weights depend only on the seed."""
+    rng = np.random.default_rng(seed)
+    layers = [layer_class(H, return_sequences=True, return_state=True, dtype=dtype)
+              for _ in range(2)]
+    for layer, features in zip(layers, (D, H)):
+        layer.build((B, T, features))
+        layer.set_weights(_random_weights(layer, rng))
+    return layers
+
+
+def _run_stack(layers, x, states):
+    """states: one list per layer -> (outputs of the top layer, final states per layer)."""
+    final = []
+    for layer, layer_states in zip(layers, states):
+        x, *new_states = layer(x, initial_state=layer_states)
+        final.append(new_states)
+    return x, final
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_state_carried_across_two_chunks_equals_one_long_chunk(kind):
+    layers = _stack(KINDS[kind][1], "float64")
+    x, _ = _inputs(kind, "float64", steps=2 * T)
+    states = [_inputs(kind, "float64", seed=10 + i)[1] for i in range(2)]
+    weights = [w for layer in layers for w in layer.trainable_weights]
+
+    def loss_and_grads(chunks):
+        with tf.GradientTape() as tape:
+            tape.watch([x] + states[0] + states[1])
+            carried, outputs = states, []
+            for chunk in chunks:
+                out, carried = _run_stack(layers, x[:, chunk], carried)
+                outputs.append(out)
+            out = tf.concat(outputs, axis=1)
+            loss = tf.reduce_sum(tf.sin(out)) + sum(
+                tf.reduce_sum(s * s) for layer_states in carried for s in layer_states)
+        grads = tape.gradient(loss, [x] + states[0] + states[1] + weights)
+        return [out] + [s for layer_states in carried for s in layer_states], grads
+
+    one_results, one_grads = loss_and_grads([slice(0, 2 * T)])
+    two_results, two_grads = loss_and_grads([slice(0, T), slice(T, 2 * T)])
+    _assert_all_close(two_results, one_results, 1e-12)
+    _assert_all_close(two_grads, one_grads, 1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fused_gradients_match_central_differences(kind):
+    _, fused = _layer_pair(kind, "float64", return_sequences=True)
+    x, states = _inputs(kind, "float64")
+    cotangents = None
+
+    def loss():
+        nonlocal cotangents
+        results = fused(x, initial_state=states)
+        if cotangents is None:
+            cotangents = _loss_weights(results)
+        return tf.add_n([tf.reduce_sum(w * r) for w, r in zip(cotangents, results)])
+
+    with tf.GradientTape() as tape:
+        value = loss()
+    variables = fused.cell.trainable_weights
+    grads = tape.gradient(value, variables)
+    rng = np.random.default_rng(3)
+    eps = 1e-6
+    for variable, grad in zip(variables, grads):
+        for _ in range(3):
+            index = tuple(int(rng.integers(n)) for n in variable.shape)
+            original = variable.numpy()
+            shifted = original.copy()
+            shifted[index] += eps
+            variable.assign(shifted)
+            up = float(loss())
+            shifted[index] -= 2 * eps
+            variable.assign(shifted)
+            down = float(loss())
+            variable.assign(original)
+            numeric = (up - down) / (2 * eps)
+            assert grad.numpy()[index] == pytest.approx(numeric, rel=1e-6, abs=1e-8), (
+                variable.path, index)
+
+
+def _model(layer_classes, dtype):
+    """Functional model: x [B, T, D] -> LSTM -> GRU -> SimpleRNN -> [B, T, H]."""
+    inputs = keras.Input((T, D), dtype=dtype)
+    x = inputs
+    for name, layer_class in zip(("lstm", "gru", "rnn"), layer_classes):
+        x = layer_class(H, return_sequences=True, dtype=dtype, name=name)(x)
+    return keras.Model(inputs, x)
+
+
+@pytest.mark.parametrize("direction", ["stock_to_fused", "fused_to_stock"])
+def test_checkpoint_moves_between_keras_and_fused_layers(tmp_path, direction):
+    stock_classes = [KINDS[k][0] for k in ("lstm", "gru", "simple_rnn")]
+    fused_classes = [KINDS[k][1] for k in ("lstm", "gru", "simple_rnn")]
+    if direction == "fused_to_stock":
+        stock_classes, fused_classes = fused_classes, stock_classes
+    source = _model(stock_classes, "float64")
+    rng = np.random.default_rng(4)
+    source.set_weights([w + 0.3 * rng.standard_normal(w.shape) for w in source.get_weights()])
+    prefix = tf.train.Checkpoint(model=source).write(str(tmp_path / "ckpt"))
+    target = _model(fused_classes, "float64")
+    tf.train.Checkpoint(model=target).read(prefix).assert_existing_objects_matched()
+    for a, b in zip(source.weights, target.weights):
+        assert a.path == b.path
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x, _ = _inputs("lstm", "float64")
+    _assert_all_close([target(x).numpy()], [source(x).numpy()], TOLERANCE["float64"])
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_get_config_round_trips_between_fused_and_keras_layers(kind):
+    stock_class, fused_class, _ = KINDS[kind]
+    fused = fused_class(H, return_sequences=True, return_state=True, name="rec")
+    config = fused.get_config()
+    assert fused_class.from_config(config).get_config() == config
+    assert stock_class.from_config(config).get_config() == config
+    assert fused_class.from_config(stock_class.from_config(config).get_config()).get_config() \
+        == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(fused))
+    assert type(restored) is fused_class
+    assert restored.get_config() == config
+
+
+FALLBACKS = {
+    "relu activation": ("lstm", dict(activation="relu"), {}),
+    "hard_sigmoid gates": ("gru", dict(recurrent_activation="hard_sigmoid"), {}),
+    "reset_after=False": ("gru", dict(reset_after=False), {}),
+    "go_backwards": ("lstm", dict(go_backwards=True), {}),
+    "use_bias=False": ("simple_rnn", dict(use_bias=False), {}),
+    "mask": ("lstm", {}, dict(mask=tf.constant(np.arange(T) < np.array([[T], [T - 1], [2]])))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FALLBACKS))
+def test_unsupported_configurations_run_keras_loop(name, fused_calls):
+    kind, layer_kwargs, call_kwargs = FALLBACKS[name]
+    stock, fused = _layer_pair(kind, "float64", **layer_kwargs)
+    x, states = _inputs(kind, "float64")
+    expected = stock(x, initial_state=states, **call_kwargs)
+    actual = fused(x, initial_state=states, **call_kwargs)
+    assert fused_calls == []
+    _assert_all_close([a.numpy() for a in actual], [e.numpy() for e in expected], 1e-12)
+
+
+def test_dropout_runs_keras_loop_only_while_training(fused_calls):
+    _, fused = _layer_pair("lstm", "float64", dropout=0.5, recurrent_dropout=0.5)
+    x, states = _inputs("lstm", "float64")
+    fused(x, initial_state=states, training=True)
+    assert fused_calls == []
+    fused(x, initial_state=states, training=False)
+    assert fused_calls == ["lstm"]
+
+
+def test_mixed_precision_runs_keras_loop(fused_calls):
+    stock = keras.layers.GRU(H, return_sequences=True, dtype="mixed_bfloat16")
+    fused = kernels.FusedGRU(H, return_sequences=True, dtype="mixed_bfloat16")
+    for layer in (stock, fused):
+        layer.build((B, T, D))
+    fused.set_weights(stock.get_weights())
+    x, _ = _inputs("gru", "float32")
+    np.testing.assert_array_equal(fused(x).numpy(), stock(x).numpy())
+    assert fused_calls == []

@@ -1,0 +1,450 @@
+"""Fused CPU recurrences behind drop-in subclasses of keras.layers.LSTM, GRU and SimpleRNN.
+
+Shapes: B batch rows, T time steps, D input features, H units, G gate width (4H for LSTM, 3H for
+GRU, H for SimpleRNN).
+
+FusedLSTM, FusedGRU and FusedSimpleRNN are the Keras layers with one method replaced
+(`inner_loop`), so their weights are Keras's own variables (`cell.kernel` [D, G],
+`cell.recurrent_kernel` [H, G], `cell.bias`), get_config() is Keras's, and checkpoints move freely
+between a fused layer and the stock one (which runs cuDNN on a GPU). Whatever the fused path does
+not cover falls back to the stock Keras loop: a mask, go_backwards, use_bias=False, activations
+other than tanh/sigmoid, GRU reset_after=False, dropout or recurrent_dropout while training,
+compute dtypes other than float32/float64 (so mixed precision runs Keras's loop), and a visible GPU
+where Keras would pick cuDNN.
+
+How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, time-major inside):
+  forward   xw = X W + b for all steps as one GEMM [T*B, D] @ [D, G]; then a loop that does only
+            h @ U and the gate math, and writes h plus the per-step factors the backward pass
+            needs (LSTM: j [B, G], k, f with dZ = [dc, dc, dc, dh] * j, dc = dc_next + dh * k).
+  backward  a reverse loop that carries only dh (and dc) and writes dZ, the gradient of the gate
+            pre-activations; then dKernel = X^T dZ, dRecurrent = H_prev^T dZ, dX = dZ W^T as GEMMs
+            over all steps at once; the bias gradient is summed inside the loop.
+  Sigmoid gates are 0.5 + 0.5 tanh(z / 2) with the halving folded into the weight columns (an
+  exact power-of-two scaling), so one tanh covers every gate of a step.
+  The loops are tf.while_loops compiled with XLA (jit_compile=True) where the TensorFlow build
+  can (`xla_loops_available()`), plain tf.while_loops otherwise; the big GEMMs stay outside XLA,
+  on TensorFlow's own (oneDNN) matmul. An inference call (training=False) skips the per-step
+  factors and recomputes them only if a gradient is asked for after all.
+
+Measured (benchmarks/kernels_micro.py: 2 stacked layers, forward + backward w.r.t. inputs,
+initial states and weights, float32, one tf.function step, 9 interleaved rounds, median of the
+per-round ratios; TF 2.21 on 2 shared cores of a Xeon with AVX-512, so about +-15%):
+
+    x stock Keras layer     lecture (B=50 T=50 D=128 H=128)   medium (B=64 T=100 D=64 H=256)
+    FusedLSTM               1.40                              1.22
+    FusedGRU                1.77                              1.21
+    FusedSimpleRNN          2.07                              1.64
+    same, plain loops       1.16 / 1.28 / 1.70                1.05 / 1.01 / 1.36
+    stock Keras under XLA   0.61 / 0.78 / 0.42                0.47 / 0.51 / 0.29
+
+The fused LSTM reaches about 73 GFLOP/s at lecture size against about 140 for one big matmul on
+this machine; what is left is the per-step gate math, which is memory-bound here. Variants tried
+on prototypes and dropped, each timed against its rival in the same run:
+  - Python-unrolled loops of TensorFlow ops (static T, per-step tensors kept, no stacking): no
+    faster than Keras at lecture size (0.98-1.10x).
+  - the whole recurrence in one XLA computation, big GEMMs included: 1.26x Keras where the split
+    kept here (XLA loops, oneDNN GEMMs) gave 1.66x; XLA's CPU matmuls are the slower ones.
+  - XLA over a Python-unrolled loop: forward 9.4 ms against 7.9 ms for the XLA while_loop at
+    lecture size, and 5 s to compile at T=50.
+  - per-step factors formed after the loops as [T, B, G] tensor ops: each such pass took 0.5-3 ms
+    in a profile, as long as a big GEMM; inside the loop they ride on data already in cache.
+  - saving only gates and cell states and forming the factors in the backward loop: the two
+    loops together 10-15% slower.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import tensorflow as tf
+from keras import activations, ops
+
+_TANH = (activations.tanh, tf.tanh, tf.math.tanh, ops.tanh)
+_SIGMOID = (activations.sigmoid, tf.sigmoid, tf.math.sigmoid, ops.sigmoid)
+_FUSED_DTYPES = (tf.float32, tf.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def xla_loops_available():
+    """True when XLA can compile the fused loops on the CPU; False -> plain tf.while_loops."""
+
+    @tf.function(jit_compile=True, autograph=False)
+    def probe(x):
+        return tf.tanh(x) * 2.0
+
+    try:
+        with tf.init_scope(), tf.device("/CPU:0"):  # run it now, even when called while tracing
+            probe(tf.zeros([2]))
+    except (tf.errors.OpError, ValueError, NotImplementedError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-cell math. `prepare` runs once per call on the Keras weights; `step` and `back_step` run
+# once per time step on [B, ...] tensors inside the loops.
+
+
+def _blocks(dtype, n, values):
+    """[len(values) * n] vector holding each value repeated over one gate block of n units."""
+    return tf.concat([tf.fill([n], tf.constant(v, dtype)) for v in values], 0)
+
+
+class _LSTMMath:
+    """Keras LSTMCell: gates i, f, c, o; c' = f c + i g; h' = o tanh(c')."""
+
+    n_states = 2
+    n_jacobian = 3
+    separate_recurrent_grad = False
+
+    @staticmethod
+    def prepare(kernel, recurrent_kernel, bias):
+        n = recurrent_kernel.shape[0]
+        scale = _blocks(kernel.dtype, n, (0.5, 0.5, 1.0, 0.5))  # [G]
+        shift = _blocks(kernel.dtype, n, (0.5, 0.5, 0.0, 0.5))
+        step_consts = (recurrent_kernel * scale, scale, shift)
+        return scale, kernel * scale, bias * scale, step_consts
+
+    @staticmethod
+    def step(xw_t, states, consts, with_jacobian):
+        h, c = states
+        u_kernel, scale, shift = consts
+        t_all = tf.tanh(xw_t + tf.matmul(h, u_kernel))  # [B, G]
+        scaled = t_all * scale
+        i, f, g, o = tf.split(scaled + shift, 4, axis=1)
+        c_new = f * c + i * g
+        tc = tf.tanh(c_new)
+        h_new = o * tc
+        if not with_jacobian:
+            return (h_new, c_new), ()
+        # dZ = [dc, dc, dc, dh] * j, where dc already includes dh * k.
+        j = tf.concat([g, c, i, tc], 1) * (scale - scaled * t_all)
+        k = o - h_new * tc
+        return (h_new, c_new), (j, k, f)
+
+    @staticmethod
+    def back_step(d_states, jac_t, u_kernel_t):
+        dh, dc = d_states
+        j, k, f = jac_t
+        dc = dc + dh * k
+        dz = tf.concat([dc, dc, dc, dh], 1) * j  # [B, G]
+        return dz, None, (tf.matmul(dz, u_kernel_t), dc * f)
+
+    @staticmethod
+    def bias_grad(scale, sums):
+        return sums[0] * scale
+
+
+class _GRUMath:
+    """Keras GRUCell, reset_after=True: gates z, r, h.
+
+    h' = z h + (1 - z) tanh(x W_h + b_h + r (h U_h + b'_h)).
+    """
+
+    n_states = 1
+    n_jacobian = 3
+    separate_recurrent_grad = True
+
+    @staticmethod
+    def prepare(kernel, recurrent_kernel, bias):
+        n = recurrent_kernel.shape[0]
+        scale = _blocks(kernel.dtype, n, (0.5, 0.5, 1.0))  # [G]
+        scaled_bias = bias * scale  # [2, G]: input bias, recurrent bias
+        step_consts = (recurrent_kernel * scale, scaled_bias[1])
+        return scale, kernel * scale, scaled_bias[0], step_consts
+
+    @staticmethod
+    def step(xw_t, states, consts, with_jacobian):
+        (h,) = states
+        u_kernel, u_bias = consts
+        n = h.shape[-1]
+        hu = tf.nn.bias_add(tf.matmul(h, u_kernel), u_bias)  # [B, G]
+        hu_zr, hu_h = tf.split(hu, [2 * n, n], axis=1)
+        xw_zr, xw_h = tf.split(xw_t, [2 * n, n], axis=1)
+        t_zr = tf.tanh(xw_zr + hu_zr)  # [B, 2H]
+        scaled = 0.5 * t_zr
+        z, r = tf.split(scaled + 0.5, 2, axis=1)
+        hh = tf.tanh(xw_h + r * hu_h)
+        h_minus = h - hh
+        h_new = hh + z * h_minus
+        if not with_jacobian:
+            return (h_new,), ()
+        d_zr = 0.5 - scaled * t_zr
+        d_z, d_r = tf.split(d_zr, 2, axis=1)
+        k_h = (1.0 - z) * (1.0 - hh * hh)
+        k_r = k_h * hu_h * d_r
+        k_z = h_minus * d_z
+        j_in = tf.concat([k_z, k_r, k_h], 1)
+        j_rec = tf.concat([k_z, k_r, k_h * r], 1)
+        return (h_new,), (j_in, j_rec, z)
+
+    @staticmethod
+    def back_step(d_states, jac_t, u_kernel_t):
+        (dh,) = d_states
+        j_in, j_rec, z = jac_t
+        dh3 = tf.concat([dh, dh, dh], 1)
+        d_rec = dh3 * j_rec
+        return dh3 * j_in, d_rec, (dh * z + tf.matmul(d_rec, u_kernel_t),)
+
+    @staticmethod
+    def bias_grad(scale, sums):
+        return tf.stack(sums) * scale
+
+
+class _SimpleMath:
+    """Keras SimpleRNNCell: h' = tanh(x W + b + h U)."""
+
+    n_states = 1
+    n_jacobian = 1
+    separate_recurrent_grad = False
+
+    @staticmethod
+    def prepare(kernel, recurrent_kernel, bias):
+        return None, kernel, bias, (recurrent_kernel,)
+
+    @staticmethod
+    def step(xw_t, states, consts, with_jacobian):
+        (h,) = states
+        (u_kernel,) = consts
+        h_new = tf.tanh(xw_t + tf.matmul(h, u_kernel))
+        return (h_new,), ((1.0 - h_new * h_new,) if with_jacobian else ())
+
+    @staticmethod
+    def back_step(d_states, jac_t, u_kernel_t):
+        (dh,) = d_states
+        (j,) = jac_t
+        dz = dh * j
+        return dz, None, (tf.matmul(dz, u_kernel_t),)
+
+    @staticmethod
+    def bias_grad(scale, sums):
+        return sums[0]
+
+
+_MATHS = {"lstm": _LSTMMath, "gru": _GRUMath, "simple_rnn": _SimpleMath}
+
+
+# ---------------------------------------------------------------------------------------------
+# The two loops, time-major. They are pure functions of tensors so XLA can compile them.
+
+
+def _forward_loop(math, with_jacobian, xw, states0, consts):
+    """xw [T, B, G] -> (hs [T, B, H], final states, Jacobian factors each [T, B, ...] or ())."""
+    n_steps = tf.shape(xw)[0]
+    dtype = xw.dtype
+    hs = tf.TensorArray(dtype, size=n_steps)
+    n_jacobian = math.n_jacobian if with_jacobian else 0
+    jacs = tuple(tf.TensorArray(dtype, size=n_steps) for _ in range(n_jacobian))
+
+    def body(t, states, hs, jacs):
+        states, jac_t = math.step(xw[t], states, consts, with_jacobian)
+        jacs = tuple(ta.write(t, value) for ta, value in zip(jacs, jac_t))
+        return t + 1, states, hs.write(t, states[0]), jacs
+
+    _, states, hs, jacs = tf.while_loop(
+        lambda t, *_: t < n_steps, body, (tf.constant(0), tuple(states0), hs, jacs)
+    )
+    return hs.stack(), states, tuple(ta.stack() for ta in jacs)
+
+
+def _backward_loop(math, jacs, d_hs, d_final, u_kernel_t):
+    """Reverse loop over the Jacobian factors; d_hs [T, B, H] or None (only final states used).
+
+    Returns (dZ arrays [T, B, G]: one, or input and recurrent for GRU; their sums over T and B,
+    which are the bias gradients before scaling; the gradients of the initial states).
+    """
+    n_steps = tf.shape(jacs[0])[0]
+    dtype = jacs[0].dtype
+    n_arrays = 2 if math.separate_recurrent_grad else 1
+    arrays = tuple(tf.TensorArray(dtype, size=n_steps) for _ in range(n_arrays))
+    sums = tuple(tf.zeros([u_kernel_t.shape[0]], dtype) for _ in range(n_arrays))
+
+    def body(t, d_states, arrays, sums):
+        if d_hs is not None:
+            d_states = (d_states[0] + d_hs[t],) + tuple(d_states[1:])
+        d_in, d_rec, d_states = math.back_step(d_states, tuple(j[t] for j in jacs), u_kernel_t)
+        grads = (d_in, d_rec)[:n_arrays]
+        arrays = tuple(ta.write(t, v) for ta, v in zip(arrays, grads))
+        sums = tuple(s + tf.reduce_sum(v, 0) for s, v in zip(sums, grads))
+        return t - 1, d_states, arrays, sums
+
+    _, d_states, arrays, sums = tf.while_loop(
+        lambda t, *_: t >= 0, body, (n_steps - 1, tuple(d_final), arrays, sums)
+    )
+    return tuple(ta.stack() for ta in arrays), sums, d_states
+
+
+@functools.lru_cache(maxsize=None)
+def _loops(kind, compiled):
+    """(forward storing the Jacobian factors, forward without them, backward) for one cell."""
+    math = _MATHS[kind]
+    loops = (
+        functools.partial(_forward_loop, math, True),
+        functools.partial(_forward_loop, math, False),
+        functools.partial(_backward_loop, math),
+    )
+    if compiled:
+        loops = tuple(tf.function(f, jit_compile=True, autograph=False) for f in loops)
+    return loops
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_function(kind, compiled, return_sequences, training):
+    math = _MATHS[kind]
+    forward_with_jacobian, forward_only, backward_loop = _loops(kind, compiled)
+
+    @tf.custom_gradient
+    def fused(x_tm, kernel, recurrent_kernel, bias, *states0):
+        # Eager custom_gradient keeps the tape recording inside; cut it so the compiled loops are
+        # traced as plain functions, not as differentiable ones.
+        x_tm, kernel, recurrent_kernel, bias = (
+            tf.stop_gradient(t) for t in (x_tm, kernel, recurrent_kernel, bias)
+        )
+        states0 = tuple(tf.stop_gradient(t) for t in states0)
+        n_steps, batch = tf.shape(x_tm)[0], tf.shape(x_tm)[1]
+        d, n_units = x_tm.shape[-1], recurrent_kernel.shape[0]
+        scale, w_kernel, w_bias, consts = math.prepare(kernel, recurrent_kernel, bias)
+        g = w_kernel.shape[-1]
+        x2 = tf.reshape(x_tm, [-1, d])  # [T*B, D]
+        xw = tf.reshape(tf.nn.bias_add(tf.matmul(x2, w_kernel), w_bias), [n_steps, batch, g])
+        if training:
+            hs, states, jacs = forward_with_jacobian(xw, states0, consts)
+        else:
+            hs, states, _ = forward_only(xw, states0, consts)
+            jacs = None
+        outputs = ((hs,) if return_sequences else ()) + tuple(states)
+
+        def grad(*upstream):
+            factors = jacs
+            if factors is None:  # a gradient of an inference call: recompute the forward pass
+                _, _, factors = forward_with_jacobian(xw, states0, consts)
+            upstream = [tf.zeros_like(o) if u is None else u for u, o in zip(upstream, outputs)]
+            d_final = tuple(upstream[1:] if return_sequences else upstream)
+            d_hs = upstream[0] if return_sequences else None
+            dzs, sums, d_states0 = backward_loop(factors, d_hs, d_final, tf.transpose(consts[0]))
+            dz_in, dz_rec = dzs[0], dzs[-1]  # [T, B, G]
+            dz_in2 = tf.reshape(dz_in, [-1, g])  # [T*B, G]
+            # H_prev^T dZ without building H_prev: h0 pairs with step 0, hs[t-1] with step t.
+            h_prev2 = tf.reshape(hs[:-1], [-1, n_units])  # [(T-1)*B, H]
+            d_recurrent = tf.matmul(h_prev2, tf.reshape(dz_rec[1:], [-1, g]), transpose_a=True)
+            d_recurrent += tf.matmul(states0[0], dz_rec[0], transpose_a=True)
+            d_kernel = tf.matmul(x2, dz_in2, transpose_a=True)
+            d_bias = math.bias_grad(scale, sums)
+            if scale is not None:
+                d_kernel, d_recurrent = d_kernel * scale, d_recurrent * scale
+            dx = tf.reshape(tf.matmul(dz_in2, w_kernel, transpose_b=True), [n_steps, batch, d])
+            return (dx, d_kernel, d_recurrent, d_bias) + tuple(d_states0)
+
+        return outputs, grad
+
+    return fused
+
+
+def fused_rnn(kind, inputs, initial_states, kernel, recurrent_kernel, bias,
+              return_sequences=True, training=True, compiled=None):
+    """Run one fused recurrence, differentiable with respect to every tensor argument.
+
+    kind: "lstm", "gru" (reset_after=True) or "simple_rnn"; inputs [B, T, D]; initial_states a
+    list of [B, H] tensors (h, c for LSTM); weights in Keras's layout and gate order. Returns
+    (outputs [B, T, H] or None when return_sequences is False, [final states [B, H]]).
+    training: True stores the backward pass's per-step factors during the forward pass; False
+        runs a lighter forward pass and recomputes them only if a gradient is asked for.
+    compiled: compile the loops with XLA; None -> xla_loops_available().
+    """
+    if compiled is None:
+        compiled = xla_loops_available()
+    fused = _fused_function(kind, bool(compiled), bool(return_sequences), bool(training))
+    x_tm = tf.transpose(inputs, [1, 0, 2])  # [T, B, D]
+    weights = [tf.convert_to_tensor(w) for w in (kernel, recurrent_kernel, bias)]
+    results = fused(x_tm, *weights, *[tf.convert_to_tensor(s) for s in initial_states])
+    # The loops' TensorArrays lose the static shapes; Keras layers downstream want them back.
+    batch, steps, units = inputs.shape[0], inputs.shape[1], weights[1].shape[0]
+    states = list(results[1:] if return_sequences else results)
+    for state in states:
+        state.set_shape([batch, units])
+    if not return_sequences:
+        return None, states
+    outputs = tf.transpose(results[0], [1, 0, 2])  # [B, T, H]
+    outputs.set_shape([batch, steps, units])
+    return outputs, states
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers.
+
+
+class _FusedInnerLoop:
+    """Mixin that routes Keras's RNN.inner_loop through fused_rnn when the layer allows it."""
+
+    _fused_kind = None
+    # None: compile the loops with XLA where available; False: plain tf.while_loops (benchmarks).
+    _fused_compiled = None
+
+    def _fused_supported(self, sequences, mask, training):
+        """training: a Python bool here (inner_loop resolves symbolic flags to True)."""
+        cell = self.cell
+        if mask is not None or self.go_backwards or not cell.use_bias:
+            return False
+        if cell.activation not in _TANH:
+            return False
+        if hasattr(cell, "recurrent_activation") and cell.recurrent_activation not in _SIGMOID:
+            return False
+        if training and (cell.dropout or cell.recurrent_dropout):
+            return False
+        dtype = tf.as_dtype(sequences.dtype)
+        if dtype not in _FUSED_DTYPES or tf.as_dtype(cell.kernel.dtype) != dtype:
+            return False
+        return sequences.shape.rank == 3 and sequences.shape[-1] is not None
+
+    def _cudnn_preferred(self):
+        use_cudnn = getattr(self, "use_cudnn", False)
+        if use_cudnn not in ("auto", True):
+            return False
+        return bool(tf.config.list_logical_devices("GPU"))
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        flat_mask = mask[0] if isinstance(mask, (list, tuple)) else mask
+        # A symbolic training flag may turn out True: plan for it (dropout, stored factors).
+        is_training = training if isinstance(training, bool) else training is not None
+        fused = not self._cudnn_preferred() and self._fused_supported(sequences, flat_mask,
+                                                                       is_training)
+        if not fused:
+            return super().inner_loop(sequences, initial_state, mask=mask, training=training)
+        if not isinstance(initial_state, (list, tuple)):
+            initial_state = [initial_state]
+        cell = self.cell
+        outputs, states = fused_rnn(
+            self._fused_kind, sequences, list(initial_state),
+            cell.kernel, cell.recurrent_kernel, cell.bias,
+            return_sequences=self.return_sequences, training=is_training,
+            compiled=self._fused_compiled,
+        )
+        last_output = states[0]
+        if outputs is None:
+            outputs = last_output[:, None, :]
+        return last_output, outputs, states
+
+
+@keras.saving.register_keras_serializable(package="tf_charrnn")
+class FusedLSTM(_FusedInnerLoop, keras.layers.LSTM):
+    """keras.layers.LSTM with the fused CPU recurrence; same constructor, weights and config."""
+
+    _fused_kind = "lstm"
+
+
+@keras.saving.register_keras_serializable(package="tf_charrnn")
+class FusedGRU(_FusedInnerLoop, keras.layers.GRU):
+    """keras.layers.GRU with the fused CPU recurrence (reset_after=True; else Keras's loop)."""
+
+    _fused_kind = "gru"
+
+    def _fused_supported(self, sequences, mask, training):
+        return self.cell.reset_after and super()._fused_supported(sequences, mask, training)
+
+
+@keras.saving.register_keras_serializable(package="tf_charrnn")
+class FusedSimpleRNN(_FusedInnerLoop, keras.layers.SimpleRNN):
+    """keras.layers.SimpleRNN (tanh) with the fused CPU recurrence."""
+
+    _fused_kind = "simple_rnn"
