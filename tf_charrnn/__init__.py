@@ -4,4 +4,8 @@ Data flows one way: text file -> Vocab + ids (data) -> TextLoader batches -> mod
 -> train step (train) -> checkpoint in a run directory (runs) -> Generator (sample) -> text.
 """
 
+from tf_charrnn import tfenv
+
+tfenv.install()  # TensorFlow's load-time noise off the terminal (see tfenv)
+
 __version__ = "0.1.0"

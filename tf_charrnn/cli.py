@@ -5,20 +5,15 @@ Exit codes: 0 success, 1 runtime error (CharRNNError), 2 usage error (UsageError
 """
 
 import argparse
-import os
 import sys
 
+from tf_charrnn import tfenv
 from tf_charrnn.errors import CharRNNError, UsageError
 
 
 def quiet_tensorflow():
-    """Hide TensorFlow's C++ start-up chatter (CUDA probing on CPU machines, oneDNN notices).
-
-    Level 3 is needed: below it the absl messages logged before TensorFlow's logger starts still
-    print. Errors that matter reach Python as exceptions. A TF_CPP_MIN_LOG_LEVEL set by the user
-    wins.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """Keep TensorFlow's C++ start-up noise off the terminal (see tf_charrnn.tfenv)."""
+    tfenv.install()
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -64,6 +64,7 @@ class TrainConfig:
     loss_reduction: str = "mean"         # sum_over_time: min-char-rnn's loss, summed over the chunk
     epochs: int = 50
     max_steps: typing.Optional[int] = None
+    max_seconds: typing.Optional[float] = None  # stop (and save) after this much training time
     seed: int = 0
     eval_every: int = 1000
     sample_every: int = 1000
@@ -258,6 +259,8 @@ def validate(config):
     _require(train.epochs > 0, "train.epochs", f"must be positive, got {train.epochs}")
     _require(train.max_steps is None or train.max_steps > 0, "train.max_steps",
              f"must be positive, got {train.max_steps}")
+    _require(train.max_seconds is None or train.max_seconds > 0, "train.max_seconds",
+             f"must be positive, got {train.max_seconds}")
     for key in ("eval_every", "sample_every", "sample_length", "checkpoint_every",
                 "keep_checkpoints", "log_every", "steps_per_call"):
         value = getattr(train, key)

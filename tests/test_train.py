@@ -1,0 +1,288 @@
+"""The real trainer end to end on tiny sizes: runs, resume, interrupts, NaN, lock, TensorBoard."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_charrnn.cli import run_cli
+from tf_charrnn.config import Config, TrainConfig, apply_overrides
+from tf_charrnn.errors import CharRNNError
+from tf_charrnn.runs import Run, RunLock
+from tf_charrnn.train import learning_rate_at, main, train
+
+TINY = [("data", "batch_size", 4), ("data", "seq_length", 8), ("model", "num_layers", 2),
+        ("model", "hidden_size", 16), ("model", "embedding_size", 8),
+        ("train", "log_every", 2), ("train", "eval_every", 5), ("train", "sample_every", 1000),
+        ("train", "checkpoint_every", 4), ("train", "sample_length", 20)]
+
+
+def tiny_config(corpus, runs_dir, *overrides):
+    return apply_overrides(Config(), [("data", "corpus", str(corpus)),
+                                      ("train", "runs_dir", str(runs_dir)), *TINY, *overrides])
+
+
+def read_scalars(run_path):
+    """{tag: [(step, value)]} from the run's event files, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_path), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    scalars = {}
+    for tag in accumulator.Tags()["tensors"]:
+        values = [(event.step, tf.make_ndarray(event.tensor_proto))
+                  for event in accumulator.Tensors(tag)]
+        if all(value.shape == () and value.dtype.kind == "f" for _, value in values):
+            scalars[tag] = [(step, float(value)) for step, value in values]
+    return scalars, accumulator
+
+
+def model_weights(run_path):
+    from tf_charrnn.runs import load_run
+
+    loaded = load_run(run_path, log=lambda *a: None)
+    return [v.numpy() for v in loaded.model.trainable_variables], loaded
+
+
+def test_trainer_runs_end_to_end_and_leaves_a_complete_run(tiny_corpus, tmp_path, capsys):
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 12),
+                         ("train", "sample_every", 6))
+    result = train(config, run_name="e2e")
+    out = capsys.readouterr().out
+    assert result.step == 12 and result.stopped == "done" and len(result.losses) == 12
+    assert "model: lstm 2x16, embedding 8" in out and "parameters" in out
+    assert "--- sample at step 6 ---" in out
+    run = Run(result.run_path)
+    assert run.exists()
+    assert [info.step for info in run.checkpoints.complete()] == [12, 8, 4]
+    assert run.best.complete(), "the best checkpoint by validation loss is kept"
+    assert math.isfinite(result.val_loss)
+    assert np.mean(result.losses[-4:]) < np.mean(result.losses[:4])
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path):
+    overrides = [("model", "dropout", 0.3), ("train", "seed", 7), ("train", "steps_per_call", 3)]
+    straight = train(tiny_config(tiny_corpus, tmp_path / "a", ("train", "max_steps", 10),
+                                 *overrides), run_name="r")
+    first = train(tiny_config(tiny_corpus, tmp_path / "b", ("train", "max_steps", 5),
+                              *overrides), run_name="r")
+    second = train(tiny_config(tiny_corpus, tmp_path / "b", ("train", "max_steps", 10),
+                               *overrides), run_name="r")
+    assert first.step == 5 and second.step == 10
+    np.testing.assert_allclose(first.losses + second.losses, straight.losses, rtol=1e-5)
+    weights_a, _ = model_weights(straight.run_path)
+    weights_b, _ = model_weights(second.run_path)
+    for a, b in zip(weights_a, weights_b):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_state_is_carried_within_an_epoch_and_reset_at_each_epoch(tiny_corpus, tmp_path):
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 3))
+    result = train(config, run_name="s")
+    _, loaded = model_weights(result.run_path)
+    reader = tf.train.load_checkpoint(str(Run(result.run_path).checkpoints.complete()[0].prefix))
+    state_keys = [key for key in reader.get_variable_to_shape_map() if key.startswith("state_0")]
+    carried = reader.get_tensor(state_keys[0])
+    assert carried.shape == (4, 16) and np.abs(carried).max() > 0  # carried, not reset
+
+
+def test_resume_with_a_different_model_names_what_differs(tiny_corpus, tmp_path):
+    train(tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 2)), run_name="m")
+    with pytest.raises(CharRNNError, match="model.hidden_size differs .run has 16, asked for 32"):
+        train(tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 4),
+                          ("model", "hidden_size", 32)), run_name="m")
+
+
+def test_resume_with_a_different_corpus_is_refused(tiny_corpus, tmp_path):
+    train(tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 2)), run_name="c")
+    other = tmp_path / "other.txt"
+    other.write_text(tiny_corpus.read_text() + "more", encoding="utf-8")
+    with pytest.raises(CharRNNError, match="the corpus differs"):
+        train(tiny_config(other, tmp_path / "runs", ("train", "max_steps", 4)), run_name="c")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path):
+    runs = tmp_path / "runs"
+    train(tiny_config(tiny_corpus, runs, ("train", "max_steps", 4)), run_name="n")
+    exploding = [("train", "max_steps", 30), ("train", "optimizer", "sgd"),
+                 ("train", "learning_rate", 1e38), ("train", "clip", "none"),
+                 ("train", "schedule", "constant")]
+    with pytest.raises(CharRNNError, match=r"training loss became (nan|inf) at step \d+; the last "
+                                           r"good checkpoint .*ckpt-4 is kept"):
+        train(tiny_config(tiny_corpus, runs, *exploding), run_name="n")
+    newest = Run(runs / "n").newest_checkpoint()
+    assert newest.step == 4
+    weights, _ = model_weights(runs / "n")
+    assert all(np.all(np.isfinite(w)) for w in weights)
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(tiny_corpus, tmp_path):
+    run_path = tmp_path / "runs" / "locked"
+    run_path.mkdir(parents=True)
+    with RunLock(run_path):
+        with pytest.raises(CharRNNError, match="is in use by another trainer"):
+            train(tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 2)),
+                  run_name="locked")
+
+
+class StopAfter:
+    """A stop flag that turns on after it has been asked `calls` times (like a Ctrl-C)."""
+
+    signal_name = "SIGINT"
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __bool__(self):
+        self.calls -= 1
+        return self.calls < 0
+
+
+def test_interrupt_saves_a_checkpoint_that_resumes(tiny_corpus, tmp_path, capsys):
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 50))
+    result = train(config, run_name="i", stop_flag=StopAfter(3))
+    assert result.stopped == "interrupted" and 0 < result.step < 50
+    assert "stopped by SIGINT" in capsys.readouterr().out
+    assert Run(result.run_path).checkpoints.complete()[0].step == result.step
+    resumed = train(config, run_name="i")
+    assert resumed.step == 50 and len(resumed.losses) == 50 - result.step
+
+
+def test_sigint_to_a_training_process_saves_and_exits_130(tiny_corpus, tmp_path):
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "tf_charrnn.train", "--corpus", str(tiny_corpus),
+               "--runs-dir", str(runs), "--run", "sig", "--max-steps", "100000",
+               "--batch-size", "4", "--seq-length", "8", "--hidden-size", "8",
+               "--embedding-size", "4", "--checkpoint-every", "100000", "--log-every", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        for line in process.stdout:
+            if line.startswith("step ") or time.monotonic() > deadline:
+                break
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, output
+    assert "stopped by SIGINT" in output
+    steps = [info.step for info in Run(runs / "sig").checkpoints.complete()]
+    assert len(steps) == 1 and steps[0] > 0
+
+
+def test_event_files_hold_the_scalars_text_and_hparams(tiny_corpus, tmp_path):
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 10),
+                         ("train", "sample_every", 5))
+    result = train(config, run_name="tb")
+    scalars, accumulator = read_scalars(result.run_path)
+    for tag in ("train/loss", "train/bpc", "val/loss", "val/bpc", "learning_rate", "grad_norm",
+                "chars_per_sec"):
+        assert scalars.get(tag), f"no {tag} events"
+    steps, losses = zip(*scalars["train/loss"])
+    assert list(steps) == [2, 4, 6, 8, 10]
+    bpc = dict(scalars["train/bpc"])
+    assert all(abs(bpc[s] - loss / math.log(2)) < 1e-5 for s, loss in zip(steps, losses))
+    assert scalars["learning_rate"][0][1] == pytest.approx(0.002)
+    assert "sample" in accumulator.Tags()["tensors"]
+    plugins = accumulator.PluginTagToContent("hparams")
+    assert plugins, "no hparams plugin data"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tensorboard_serves_the_runs_scalars(tiny_corpus, tmp_path):
+    runs = tmp_path / "runs"
+    train(tiny_config(tiny_corpus, runs, ("train", "max_steps", 6)), run_name="served")
+    port = free_port()
+    tensorboard = Path(sys.executable).with_name("tensorboard")
+    process = subprocess.Popen([str(tensorboard), "--logdir", str(runs), "--host", "127.0.0.1",
+                                "--port", str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline, tags = time.monotonic() + 90, {}
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    tags = json.loads(response.read())
+                if "served" in tags and "train/loss" in tags["served"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert "train/loss" in tags.get("served", {}), tags
+        assert "val/loss" in tags["served"] and "learning_rate" in tags["served"]
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_learning_rate_decays_per_epoch_as_a_pure_function_of_the_step():
+    config = TrainConfig(learning_rate=0.002, decay_rate=0.97)
+    assert float(learning_rate_at(0, config, 100, 1000)) == pytest.approx(0.002)
+    assert float(learning_rate_at(99, config, 100, 1000)) == pytest.approx(0.002)
+    assert float(learning_rate_at(100, config, 100, 1000)) == pytest.approx(0.002 * 0.97)
+    assert float(learning_rate_at(250, config, 100, 1000)) == pytest.approx(0.002 * 0.97 ** 2)
+
+
+def test_warmup_then_cosine_reaches_the_floor():
+    config = TrainConfig(learning_rate=1.0, schedule="cosine", warmup_steps=10,
+                         min_learning_rate=0.1)
+    assert float(learning_rate_at(0, config, 50, 110)) == pytest.approx(0.1)
+    assert float(learning_rate_at(9, config, 50, 110)) == pytest.approx(1.0)
+    assert float(learning_rate_at(60, config, 50, 110)) == pytest.approx(0.55)
+    assert float(learning_rate_at(110, config, 50, 110)) == pytest.approx(0.1)
+
+
+def test_min_char_rnn_recipe_reports_its_smoothed_loss(tiny_corpus, tmp_path, capsys):
+    code = run_cli(main, ["--config", "configs/min_char_rnn.yaml", "--corpus", str(tiny_corpus),
+                          "--runs-dir", str(tmp_path / "runs"), "--run", "mc",
+                          "--max-steps", "200", "--hidden-size", "16"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "smooth_loss" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "train.nonsense=1"], "unknown config key 'train.nonsense'"),
+    (["--set", "model.hidden_size=abc"], "model.hidden_size must be int, got 'abc'"),
+    (["--set", "learning_rate"], "must look like section.field=value"),
+    (["--hidden-size", "abc"], "argument --hidden-size: invalid int value"),
+    (["--cell", "lstmm"], "model.cell must be one of rnn, lstm, gru, got 'lstmm'"),
+    (["--config", "no/such.yaml"], "config file no/such.yaml not found"),
+    (["--corpus", "nope"], "unknown corpus 'nope'"),
+])
+def test_bad_arguments_exit_with_one_line(argv, message, capsys, tmp_path):
+    code = run_cli(main, argv + ["--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code in (1, 2)
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_overrides_reach_the_saved_config(tiny_corpus, tmp_path):
+    code = run_cli(main, ["--corpus", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
+                          "--run", "o", "--max-steps", "2", "--batch-size", "4",
+                          "--seq-length", "8", "--hidden-size", "8", "--embedding-size", "4",
+                          "--set", "train.learning_rate=0.01", "--set", "model.cell=gru"])
+    assert code == 0
+    saved = Run(tmp_path / "runs" / "o").read_config()
+    assert saved.train.learning_rate == 0.01 and saved.model.cell == "gru"
+    assert saved.model.hidden_size == 8 and saved.train.max_steps == 2

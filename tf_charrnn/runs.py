@@ -1,0 +1,349 @@
+"""Run directories: config, vocabulary, corpus fingerprint, verified checkpoints, the run lock.
+
+    runs/<name>/config.yaml        the resolved Config the run trains with
+    runs/<name>/vocab.json         the Vocab plus the corpus fingerprint (path, sha256, encoding)
+    runs/<name>/checkpoints/       ckpt-<step>.{index,data-*} + ckpt-<step>.manifest.json
+    runs/<name>/best/              the checkpoint with the best validation loss, same layout
+    runs/<name>/events.out.*       TensorBoard
+    runs/<name>/.lock              held by the one trainer writing the run
+
+A checkpoint counts only once its manifest (sha256 of every file) is written, last and atomically,
+so a checkpoint cut short by a kill or a full disk is never taken for a complete one; restore walks
+from the newest to the oldest and skips, with a warning, any whose files no longer match.
+"""
+
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from tf_charrnn.config import Config, config_from_dict, config_to_dict, save_config
+from tf_charrnn.data import Vocab
+from tf_charrnn.errors import CharRNNError
+from tf_charrnn.files import sha256_file, write_atomic
+
+_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.manifest\.json$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    prefix: Path      # ckpt-<step>, without the .index / .data-* suffixes
+    step: int
+    metrics: dict
+
+    @property
+    def name(self):
+        return self.prefix.name
+
+
+class CheckpointStore:
+    """Verified tf.train.Checkpoint files in one directory: write, list, verify, prune."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+
+    def _files(self, prefix):
+        return sorted(self.directory.glob(prefix.name + ".*"))
+
+    @staticmethod
+    def _remove(path):
+        # ckpt-N_temp/ is TensorFlow's scratch directory, left behind when a save is cut short.
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def write(self, checkpoint, step, metrics=None):
+        """Write checkpoint as ckpt-<step>, then its manifest; return its CheckpointInfo."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        prefix = self.directory / f"ckpt-{step}"
+        self.delete(prefix)  # a leftover of a save that was cut short
+        try:
+            checkpoint.write(str(prefix))
+            files = {path.name: sha256_file(path) for path in self._files(prefix)
+                     if not path.name.endswith(".manifest.json")}
+            manifest = {"step": int(step), "files": files, "metrics": metrics or {}}
+            write_atomic(self.directory / f"ckpt-{step}.manifest.json",
+                          json.dumps(manifest, indent=1).encode())
+        except Exception as error:
+            self.delete(prefix)
+            raise CharRNNError(f"could not write checkpoint {prefix} ({error}); the previous "
+                               f"checkpoints are kept: free disk space and resume") from None
+        return CheckpointInfo(prefix, int(step), metrics or {})
+
+    def delete(self, prefix):
+        for path in [*self._files(prefix), self.directory / f"{prefix.name}_temp"]:
+            self._remove(path)
+
+    def complete(self):
+        """Checkpoints with a manifest, newest first (their files not yet verified)."""
+        found = []
+        if not self.directory.is_dir():
+            return found
+        for path in self.directory.iterdir():
+            match = _CHECKPOINT_NAME.match(path.name)
+            if not match:
+                continue
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, ValueError):
+                manifest = {}
+            found.append(CheckpointInfo(self.directory / f"ckpt-{match.group(1)}",
+                                        int(match.group(1)), manifest.get("metrics", {})))
+        return sorted(found, key=lambda info: info.step, reverse=True)
+
+    def verify(self, info):
+        """None when every file of info matches its manifest, else what is wrong."""
+        manifest_path = self.directory / f"{info.name}.manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError):
+            return "its manifest is unreadable"
+        if not any(name.endswith(".index") for name in files):
+            return "it has no index file"
+        for name, digest in files.items():
+            path = self.directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if sha256_file(path) != digest:
+                return f"{name} is corrupt (checksum mismatch)"
+        return None
+
+    def newest_good(self, log=print):
+        """The newest checkpoint whose files verify, warning about each newer bad one."""
+        for info in self.complete():
+            problem = self.verify(info)
+            if problem is None:
+                return info
+            log(f"warning: skipping checkpoint {info.prefix} because {problem}; "
+                f"trying the previous one")
+        return None
+
+    def prune(self, keep):
+        """Delete all but the newest `keep` complete checkpoints, and any orphaned files."""
+        complete = self.complete()
+        keep_names = {info.name for info in complete[:keep]}
+        for path in self.directory.iterdir():
+            match = re.match(r"^(ckpt-\d+)(\.|_temp$)", path.name)
+            if match and match.group(1) not in keep_names:
+                self._remove(path)
+            elif re.match(r"^\.ckpt-\d+\.manifest\.json\..*\.tmp$", path.name):
+                self._remove(path)  # a manifest write cut short (the run lock bars any other)
+
+
+class RunLock:
+    """An exclusive, non-blocking flock on runs/<name>/.lock (released when the process dies)."""
+
+    def __init__(self, run_path):
+        self.path = Path(run_path) / ".lock"
+        self._handle = None
+
+    def acquire(self):
+        try:
+            self._handle = open(self.path, "a+")
+        except OSError as error:  # the lock is the first file a trainer writes in the run
+            raise CharRNNError(f"cannot write to run directory {self.path.parent} "
+                               f"({error.strerror}): choose another --runs-dir or --run") \
+                from None
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "another process"
+            self._handle.close()
+            self._handle = None
+            raise CharRNNError(f"run {self.path.parent} is in use by another trainer "
+                               f"(pid {holder}): wait for it to finish or pick another --run") \
+                from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(str(os.getpid()))
+        self._handle.flush()
+        return self
+
+    def release(self):
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class Run:
+    """A run directory on disk."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config_path = self.path / "config.yaml"
+        self.vocab_path = self.path / "vocab.json"
+        self.checkpoints = CheckpointStore(self.path / "checkpoints")
+        self.best = CheckpointStore(self.path / "best")
+
+    def exists(self):
+        return self.config_path.is_file() and self.vocab_path.is_file()
+
+    def has_checkpoint(self):
+        return bool(self.checkpoints.complete() or self.best.complete())
+
+    def read_config(self):
+        import yaml
+
+        try:
+            values = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CharRNNError(f"{self.path} is not a run directory (no config.yaml): give a "
+                               f"directory made by tf_charrnn.train") from None
+        except (OSError, yaml.YAMLError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "?"
+            raise CharRNNError(f"{self.config_path} is unreadable ({first_line}): restore it "
+                               f"from the original run") from None
+        if not values:  # config_from_dict would take an empty file for the default Config
+            raise CharRNNError(f"{self.config_path} is empty: restore it from the original run")
+        try:
+            return config_from_dict(values)
+        except CharRNNError as error:
+            raise CharRNNError(f"{self.config_path} is invalid: {error}") from None
+
+    def read_vocab(self):
+        """(Vocab, corpus fingerprint dict) from vocab.json."""
+        try:
+            values = json.loads(self.vocab_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CharRNNError(f"{self.path} has no vocab.json: the run directory is incomplete")\
+                from None
+        except (OSError, ValueError) as error:
+            raise CharRNNError(f"{self.vocab_path} is unreadable ({error}): restore it from the "
+                               f"original run") from None
+        return Vocab.from_dict(values), values.get("corpus", {})
+
+    def write_metadata(self, config, vocab, corpus):
+        self.path.mkdir(parents=True, exist_ok=True)
+        # Rewritten on every resume, beside good checkpoints: through a temporary file and
+        # os.replace (as vocab.json and the manifests are), so a kill cannot leave it truncated.
+        partial = self.path / ".config.yaml.tmp"
+        save_config(config, partial)
+        os.replace(partial, self.config_path)
+        vocab.save(self.vocab_path, corpus=corpus)
+
+    def newest_checkpoint(self, log=print):
+        """The newest verified checkpoint in checkpoints/, else best/, else None."""
+        return self.checkpoints.newest_good(log) or self.best.newest_good(log)
+
+
+def describe_mismatch(saved: Config, wanted: Config, saved_vocab, vocab, saved_corpus, corpus):
+    """What differs between a run on disk and the run asked for, or None when resumable."""
+    if saved_corpus.get("sha256") and saved_corpus.get("sha256") != corpus.get("sha256"):
+        return (f"the corpus differs (run trained on {saved_corpus.get('path')} "
+                f"sha256 {saved_corpus.get('sha256', '')[:12]}, now {corpus.get('path')} "
+                f"sha256 {corpus.get('sha256', '')[:12]})")
+    if saved_vocab != vocab:
+        return f"the vocabulary differs ({len(saved_vocab)} vs {len(vocab)} characters)"
+    model_saved, model_wanted = config_to_dict(saved)["model"], config_to_dict(wanted)["model"]
+    for key in ("cell", "num_layers", "hidden_size", "one_hot", "embedding_size"):
+        if model_saved[key] != model_wanted[key]:
+            return f"model.{key} differs (run has {model_saved[key]}, asked for {model_wanted[key]})"
+    for key in ("batch_size", "seq_length", "hangul_jamo"):
+        if getattr(saved.data, key) != getattr(wanted.data, key):
+            return (f"data.{key} differs (run has {getattr(saved.data, key)}, asked for "
+                    f"{getattr(wanted.data, key)})")
+    return None
+
+
+def latest_run(runs_dir):
+    """The run under runs_dir with the most recently written checkpoint."""
+    runs_dir = Path(runs_dir)
+    candidates = []
+    if runs_dir.is_dir():
+        for path in runs_dir.iterdir():
+            run = Run(path)
+            if run.exists() and path.is_dir():
+                manifests = list(path.glob("checkpoints/*.manifest.json")) + \
+                    list(path.glob("best/*.manifest.json"))
+                stamp = max((m.stat().st_mtime for m in manifests), default=None)
+                if stamp is not None:
+                    candidates.append((stamp, path))
+    if not candidates:
+        raise CharRNNError(f"no trained run found under {runs_dir}/: train one with "
+                           f"python -m tf_charrnn.train, or pass --run DIR")
+    return max(candidates)[1]
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    run: Run
+    config: Config
+    vocab: Vocab
+    corpus: dict
+    model: object
+    checkpoint: CheckpointInfo
+
+
+def restore_checkpoint(checkpoint, info, what="model"):
+    """Read info into a tf.train.Checkpoint; a mismatch with config.yaml/vocab.json is an error."""
+    import tensorflow as tf
+
+    try:
+        status = checkpoint.read(str(info.prefix))
+        status.assert_existing_objects_matched()
+        status.expect_partial()  # a model-only read leaves the optimiser's slots unread
+    except (tf.errors.OpError, ValueError, AssertionError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise CharRNNError(f"checkpoint {info.prefix} does not fit the {what} described by "
+                           f"config.yaml and vocab.json ({first_line}); restore the run's "
+                           f"original files") from None
+    return status
+
+
+def resolve_checkpoint_path(path):
+    """--checkpoint PATH (a ckpt-N prefix, or one of its files) -> (run dir, CheckpointInfo)."""
+    path = Path(path)
+    name = re.sub(r"\.(index|manifest\.json|data-\d+-of-\d+)$", "", path.name)
+    prefix = path.with_name(name)
+    store = CheckpointStore(prefix.parent)
+    matches = [info for info in store.complete() if info.name == name]
+    if not matches:
+        raise CharRNNError(f"no complete checkpoint at {prefix}: give a prefix such as "
+                           f"runs/NAME/checkpoints/ckpt-1000")
+    problem = store.verify(matches[0])
+    if problem:
+        raise CharRNNError(f"checkpoint {prefix} cannot be used because {problem}")
+    return prefix.parent.parent, matches[0]
+
+
+def load_run(path=None, checkpoint=None, runs_dir="runs", log=print):
+    """A trained run: config, vocab and a model restored from its newest good checkpoint."""
+    import tensorflow as tf
+
+    from tf_charrnn.models import build_model
+
+    info = None
+    if checkpoint is not None:
+        path, info = resolve_checkpoint_path(checkpoint)
+    elif path is None:
+        path = latest_run(runs_dir)
+        log(f"using the most recent run {path}")
+    run = Run(path)
+    if not Path(path).is_dir():
+        raise CharRNNError(f"run directory {path} not found: give a directory under runs/")
+    config = run.read_config()
+    vocab, corpus = run.read_vocab()
+    if info is None:
+        info = run.newest_checkpoint(log)
+        if info is None and run.has_checkpoint():
+            raise CharRNNError(f"every checkpoint of run {path} is damaged (see the warnings "
+                               f"above): restore one from a backup, or train the run again")
+        if info is None:
+            raise CharRNNError(f"run {path} has no checkpoint yet: let training run until it saves "
+                               f"one (every train.checkpoint_every steps, and at exit)")
+    model = build_model(config.model, len(vocab))
+    restore_checkpoint(tf.train.Checkpoint(model=model), info)
+    return LoadedRun(run, config, vocab, corpus, model, info)
