@@ -1,0 +1,383 @@
+"""The sampler: the draw on fake logits, the compiled loop, streaming, stop, Hangul, the CLI."""
+
+import os
+import random
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_charrnn.cli import run_cli
+from tf_charrnn.config import Config, DataConfig, ModelConfig
+from tf_charrnn.data import Vocab
+from tf_charrnn.errors import CharRNNError, UsageError
+from tf_charrnn.models import build_model
+from tf_charrnn.runs import Run
+from tf_charrnn.sample import (Generator, JamoComposer, draw, filter_logits, main, model_step,
+                               parse_escapes, sample_divider)
+from tf_charrnn.text import HANGUL_ESCAPE, compose_hangul, decompose_hangul
+
+CHARS = "ab \ncde.!"  # V = 9
+TINY = ModelConfig(cell="lstm", num_layers=2, hidden_size=8, embedding_size=4, kernel="keras")
+KOREAN = "한국어 문장입니다. 대한민국 만세! 강아지가 뛰어갑니다."
+
+
+def tiny_model(vocab, model_config=TINY, seed=0):
+    keras.utils.set_random_seed(seed)
+    return build_model(model_config, len(vocab))
+
+
+def make_run(path, vocab, model, config=None, step=1):
+    config = config or Config(model=TINY)
+    run = Run(path)
+    run.write_metadata(config, vocab, corpus={"path": "x", "sha256": "0"})
+    if model is not None:
+        run.checkpoints.write(tf.train.Checkpoint(model=model), step=step)
+    return run
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return Vocab(CHARS)
+
+
+@pytest.fixture(scope="module")
+def model(vocab):
+    return tiny_model(vocab)
+
+
+@pytest.fixture(scope="module")
+def generator(model, vocab):
+    return Generator(model, vocab, chunk_length=16)
+
+
+# --- the draw on fake logits -----------------------------------------------------------------
+
+PROBS = np.log(np.array([[0.1, 0.4, 0.2, 0.3]], np.float32))
+
+
+def kept(filtered):
+    return set(np.flatnonzero(np.isfinite(np.asarray(filtered)[0])))
+
+
+def test_temperature_divides_logits_shifted_to_max_zero():
+    logits = np.array([[1.0, 2.0, 4.0]], np.float32)
+    filtered = filter_logits(logits, temperature=0.5).numpy()
+    np.testing.assert_array_equal(filtered, [[-6.0, -4.0, 0.0]])
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = np.array([[0.1, 3.0, 2.0, -1.0, 5.0]], np.float32)
+    filtered = filter_logits(logits, top_k=2).numpy()
+    np.testing.assert_array_equal(filtered, [[-np.inf, -2.0, -np.inf, -np.inf, 0.0]])
+    assert kept(filter_logits(logits, top_k=50)) == {0, 1, 2, 3, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    assert kept(filter_logits(PROBS, top_p=0.5)) == {1, 3}       # 0.4 < 0.5 <= 0.4 + 0.3
+    assert kept(filter_logits(PROBS, top_p=0.75)) == {1, 2, 3}   # 0.7 < 0.75
+    assert kept(filter_logits(PROBS, top_p=1e-6)) == {1}         # only the max
+    assert kept(filter_logits(PROBS, top_p=1.0)) == {0, 1, 2, 3}
+
+
+def test_top_p_renormalises_after_top_k():
+    # After top_k=2 the two left are 4/7 and 3/7, so 4/7 alone reaches 0.5.
+    assert kept(filter_logits(PROBS, top_k=2, top_p=0.5)) == {1}
+
+
+def test_filter_works_per_row():
+    logits = np.array([[0.0, 5.0, 1.0], [9.0, 0.0, 8.0]], np.float32)
+    filtered = filter_logits(logits, top_k=1).numpy()
+    assert np.isfinite(filtered).tolist() == [[False, True, False], [True, False, False]]
+
+
+def test_top_p_draws_follow_the_renormalised_distribution():
+    rows = 20000
+    logits = filter_logits(np.repeat(PROBS, rows, axis=0), top_p=0.5)
+    ids = draw(logits, [7, 0]).numpy()
+    frequencies = np.bincount(ids, minlength=4) / rows
+    np.testing.assert_allclose(frequencies, [0, 4 / 7, 0, 3 / 7], atol=0.02)
+
+
+def test_top_k_one_and_tiny_temperature_draw_the_argmax():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 9)).astype(np.float32)
+    expected = logits.argmax(axis=1)
+    for seed in range(3):
+        np.testing.assert_array_equal(draw(filter_logits(logits, top_k=1), [seed, 0]), expected)
+        np.testing.assert_array_equal(
+            draw(filter_logits(logits, temperature=1e-4), [seed, 0]), expected)
+    np.testing.assert_array_equal(draw(logits, [0, 0], argmax=True), expected)
+
+
+def test_draw_is_a_function_of_the_seed():
+    logits = np.zeros((256, 9), np.float32)
+    first = draw(logits, [1, 5]).numpy()
+    np.testing.assert_array_equal(draw(logits, [1, 5]), first)
+    assert (draw(logits, [1, 6]).numpy() != first).any()
+    assert (draw(logits, [2, 5]).numpy() != first).any()
+
+
+# --- the model, one character at a time ------------------------------------------------------
+
+@pytest.mark.parametrize("model_config", [
+    TINY,
+    ModelConfig(cell="gru", num_layers=2, hidden_size=8, embedding_size=4, kernel="keras"),
+    ModelConfig(cell="rnn", num_layers=1, hidden_size=8, one_hot=True, embedding_size=0,
+                kernel="keras"),
+], ids=["lstm", "gru", "rnn-one-hot"])
+def test_priming_in_one_pass_equals_feeding_one_char_at_a_time(vocab, model_config):
+    model = tiny_model(vocab, model_config)
+    generator = Generator(model, vocab)
+    prime = np.array([vocab.encode("ab cd.e"), vocab.encode("!!a\nb c")], np.int32)  # [2, 7]
+    last, states = generator.prime_states(prime)
+    np.testing.assert_array_equal(last, prime[:, -1])
+
+    step_states = layer_states = model.zero_states(2)
+    for t in range(prime.shape[1] - 1):
+        step_logits, step_states = model_step(model, prime[:, t], step_states)
+        layer_logits, layer_states = model(prime[:, t:t + 1], layer_states)
+        np.testing.assert_allclose(step_logits, layer_logits[:, 0], rtol=1e-5, atol=1e-6)
+    for one_pass, stepped, layered in zip(states, step_states, layer_states):
+        np.testing.assert_allclose(one_pass, stepped, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(one_pass, layered, rtol=1e-5, atol=1e-6)
+
+
+def test_vocab_that_does_not_fit_the_model_is_an_error(model):
+    with pytest.raises(CharRNNError, match="vocabulary has 3 characters but the model expects 9"):
+        Generator(model, Vocab("abc"))
+
+
+# --- generation ------------------------------------------------------------------------------
+
+def test_same_seed_same_text_and_other_seeds_differ(generator):
+    text = generator.generate("ab", 60, seed=3)
+    assert generator.generate("ab", 60, seed=3) == text
+    assert generator.generate("ab", 60, seed=4) != text
+    assert generator.generate("ab", 60, seed=3 + 2 ** 31) == text  # seeds are taken mod 2**31
+
+
+def test_text_is_prime_plus_length_characters(generator, vocab):
+    for length in (0, 1, 16, 37):
+        text = generator.generate("ab", length, seed=1)
+        assert text.startswith("ab") and len(text) == 2 + length
+        assert not vocab.unknown_chars(text)
+
+
+def test_default_prime_is_the_most_frequent_character(generator, vocab):
+    assert generator.generate(length=5, seed=0).startswith(vocab.most_frequent)
+
+
+def test_batched_samples_are_independent(generator):
+    texts = generator.generate("ab", 40, seed=5, num_samples=4)
+    assert len(texts) == 4 and len(set(texts)) == 4
+    assert all(text.startswith("ab") and len(text) == 42 for text in texts)
+    assert generator.generate("ab", 40, seed=5, num_samples=4) == texts
+
+
+def test_stream_yields_the_prime_first_then_chunks_that_make_generate(generator):
+    chunks = list(generator.stream("ab c", 50, seed=2))
+    assert chunks[0] == "ab c" and len(chunks) == 1 + 4  # chunk_length 16: 16+16+16+2
+    assert "".join(chunks) == generator.generate("ab c", 50, seed=2)
+    rows = list(generator.stream("ab", 20, seed=2, num_samples=2))
+    assert rows[0] == ["ab", "ab"]
+    assert ["".join(row) for row in zip(*rows)] == generator.generate("ab", 20, seed=2,
+                                                                      num_samples=2)
+
+
+def test_text_does_not_depend_on_the_chunk_length(model, vocab, generator):
+    other = Generator(model, vocab, chunk_length=5)
+    assert other.generate("ab", 40, seed=8) == generator.generate("ab", 40, seed=8)
+
+
+def test_argmax_and_top_k_one_are_greedy(generator):
+    greedy = generator.generate("ab", 30, argmax=True)
+    assert generator.generate("ab", 30, argmax=True) == greedy
+    assert generator.generate("ab", 30, top_k=1, seed=9) == greedy
+    assert generator.generate("ab", 30, temperature=0.7, top_p=1e-6, seed=10) == greedy
+
+
+def test_stop_ends_the_sample_after_the_stop_string(generator):
+    full = generator.generate("ab", 80, seed=11)
+    stop = full[30:33]  # found by the 33rd character at the latest, across a chunk boundary
+    end = full.find(stop, len("ab") - len(stop) + 1) + len(stop)
+    assert generator.generate("ab", 80, seed=11, stop=stop) == full[:end]
+    # A stop string that starts in the prime and ends in the first generated character.
+    assert generator.generate("ab", 80, seed=11, stop="b" + full[2]) == full[:3]
+    # A stop string inside the prime alone does not count.
+    position = full.find("ab", 1)
+    assert generator.generate("ab", 80, seed=11, stop="ab") == \
+        (full if position < 0 else full[:position + 2])
+
+
+def test_stop_is_per_sample(generator):
+    full = generator.generate("ab", 60, seed=12, num_samples=3)
+    stop = full[0][20]
+    stopped = generator.generate("ab", 60, seed=12, num_samples=3, stop=stop)
+    for whole, cut in zip(full, stopped):
+        position = whole.find(stop, 2)
+        assert cut == (whole if position < 0 else whole[:position + 1])
+
+
+def test_unknown_prime_characters_are_listed_or_skipped(model, vocab):
+    messages = []
+    generator = Generator(model, vocab, log=messages.append)
+    with pytest.raises(CharRNNError) as error:
+        generator.generate("aZb?", 5, seed=0)
+    assert str(error.value) == ("the prime has characters not in the run's vocabulary: 'Z' '?'; "
+                                "remove them or pass --unknown skip")
+    text = generator.generate("aZb?", 5, seed=0, unknown="skip")
+    assert text.startswith("ab") and len(text) == 7
+    assert messages == ["warning: dropping prime characters not in the vocabulary: 'Z' '?'"]
+    with pytest.raises(CharRNNError, match="the prime is empty"):
+        generator.generate("ZZ", 5, unknown="skip")
+    with pytest.raises(CharRNNError, match="the prime is empty"):
+        generator.generate("", 5)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": 0.0}, "temperature must be > 0, got 0.0 (for greedy sampling use --argmax)"),
+    ({"temperature": -1.0}, "temperature must be > 0, got -1.0"),
+    ({"top_p": 0.0}, "top_p must be in (0, 1] (1 turns it off), got 0.0"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1] (1 turns it off), got 1.5"),
+    ({"top_k": -1}, "top_k must be an integer >= 0 (0 turns it off), got -1"),
+    ({"length": -1}, "length must be an integer >= 0, got -1"),
+    ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
+    ({"stop": ""}, "stop must be a non-empty string (or None for no stop string)"),
+    ({"unknown": "ignore"}, "unknown must be one of error, skip, got 'ignore'"),
+])
+def test_bad_options_are_one_line_usage_errors(generator, options, message):
+    with pytest.raises(UsageError) as error:
+        generator.generate("ab", **{"length": 5, **options})
+    assert str(error.value).startswith(message)
+    with pytest.raises(UsageError):
+        generator.stream("ab", **{"length": 5, **options})  # before the first item is asked for
+
+
+# --- Hangul ----------------------------------------------------------------------------------
+
+L, V, T = "\u1100\u1112", "\u1161\u1175", "\u11a8\u11c2"
+
+
+def test_streamed_jamo_compose_exactly_like_the_whole_text():
+    rng = random.Random(0)
+    alphabet = L + V + T + HANGUL_ESCAPE + "a "
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        cuts = sorted(rng.randint(0, len(text)) for _ in range(3))
+        composer = JamoComposer()
+        pieces = [composer.feed(text[start:end])
+                  for start, end in zip([0] + cuts, cuts + [len(text)])]
+        assert "".join(pieces) + composer.flush() == compose_hangul(text), repr(text)
+
+
+@pytest.fixture(scope="module")
+def hangul():
+    vocab = Vocab.from_text(decompose_hangul(KOREAN))
+    return vocab, tiny_model(vocab, seed=1)
+
+
+def test_jamo_runs_are_recomposed_into_syllables(hangul):
+    vocab, model = hangul
+    composed = Generator(model, vocab, hangul_jamo=True, chunk_length=5)
+    raw = Generator(model, vocab, hangul_jamo=False, chunk_length=5)
+    jamo = raw.generate(decompose_hangul("한국"), 60, seed=4)
+    text = composed.generate("한국", 60, seed=4)
+    assert text == compose_hangul(jamo) and text.startswith("한국")
+    assert "".join(composed.stream("한국", 60, seed=4)) == text
+    assert composed.generate("한국", 60, seed=4, stop="다") == \
+        compose_hangul(raw.generate(decompose_hangul("한국"), 60, seed=4,
+                                    stop=decompose_hangul("다")))
+
+
+# --- the command line ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, vocab, model):
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root / "old", vocab, model, step=3)
+    make_run(root / "new", vocab, model, step=7)
+    os.utime(root / "old/checkpoints/ckpt-3.manifest.json", (1, 1))
+    make_run(root / "untrained", vocab, None)
+    return root
+
+
+def lines(text):
+    return text.strip().splitlines()
+
+
+def test_cli_streams_the_run_sample_and_names_run_and_checkpoint(runs_dir, generator, capsys):
+    assert run_cli(main, ["--runs-dir", str(runs_dir), "--prime", "ab", "-n", "30",
+                          "--seed", "6"]) == 0
+    out, err = capsys.readouterr()
+    expected = generator.generate("ab", 30, seed=6)
+    assert out == expected + ("" if expected.endswith("\n") else "\n")
+    assert f"using the most recent run {runs_dir / 'new'}" in err
+    assert f"checkpoint {runs_dir / 'new/checkpoints/ckpt-7'} (step 7)" in err
+
+
+def test_cli_checkpoint_samples_and_stop(runs_dir, generator, capsys):
+    checkpoint = str(runs_dir / "old/checkpoints/ckpt-3")
+    assert run_cli(main, ["--checkpoint", checkpoint, "--prime", "a", "-n", "25",
+                          "--num-samples", "3", "--seed", "1", "--stop", "\\n"]) == 0
+    out, err = capsys.readouterr()
+    assert f"checkpoint {checkpoint} (step 3)" in err
+    texts = generator.generate("a", 25, seed=1, num_samples=3, stop="\n")
+    assert out == ("=" * 24 + " sample 1 of 3 " + "=" * 24 + "\n" + texts[0]
+                   + sample_divider(2, 3) + texts[1] + sample_divider(3, 3) + texts[2] + "\n")
+    assert "sample 3 of 3" in sample_divider(3, 3)
+
+
+def test_cli_skips_unknown_prime_characters_with_a_warning(runs_dir, generator, capsys):
+    assert run_cli(main, ["--run", str(runs_dir / "new"), "--prime", "aZb", "-n", "10",
+                          "--seed", "2", "--unknown", "skip"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(generator.generate("ab", 10, seed=2))
+    assert "warning: dropping prime characters not in the vocabulary: 'Z'" in err
+
+
+def test_parse_escapes():
+    assert parse_escapes("\\n\\n") == "\n\n"
+    assert parse_escapes("a\\tb\\\\") == "a\tb\\"
+    assert parse_escapes("é\\u00e9") == "éé"
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--temperature", "0"], 2, "error: temperature must be > 0, got 0.0"),
+    (["--top-p", "1.5"], 2, "error: top_p must be in (0, 1]"),
+    (["--top-k", "-2"], 2, "error: top_k must be an integer >= 0"),
+    (["-n", "-5"], 2, "error: length must be an integer >= 0, got -5"),
+    (["--num-samples", "0"], 2, "error: num_samples must be an integer >= 1"),
+    (["--stop", "\\x"], 2, "error: --stop '\\\\x' has a bad backslash escape"),
+    (["--unknown", "drop"], 2, "error: argument --unknown: invalid choice"),
+    (["--bogus"], 2, "error: unrecognized arguments: --bogus"),
+    (["--run", "RUNS/new", "--checkpoint", "RUNS/new/checkpoints/ckpt-7"], 2,
+     "error: argument --checkpoint: not allowed with argument --run"),
+    (["--run", "RUNS/missing"], 1, "error: run directory RUNS/missing not found"),
+    (["--runs-dir", "RUNS/missing"], 1, "error: no trained run found under RUNS/missing/"),
+    (["--run", "RUNS/untrained"], 1, "error: run RUNS/untrained has no checkpoint yet"),
+    (["--checkpoint", "RUNS/new/checkpoints/ckpt-5"], 1,
+     "error: no complete checkpoint at RUNS/new/checkpoints/ckpt-5"),
+    (["--run", "RUNS/new", "--prime", "aZ"], 1,
+     "error: the prime has characters not in the run's vocabulary: 'Z'"),
+])
+def test_cli_errors_are_one_line(runs_dir, capsys, argv, code, message):
+    argv = [arg.replace("RUNS", str(runs_dir)) for arg in argv]
+    assert run_cli(main, argv) == code
+    out, err = capsys.readouterr()
+    assert out == ""
+    error_lines = [line for line in lines(err) if line.startswith("error:")]
+    assert len(error_lines) == 1 and error_lines[0].startswith(message.replace("RUNS",
+                                                                               str(runs_dir)))
+    assert err.rstrip("\n").splitlines()[-1] == error_lines[0]
+
+
+def test_cli_recomposes_a_jamo_run(tmp_path, hangul, capsys):
+    vocab, model = hangul
+    make_run(tmp_path / "ko", vocab, model, Config(data=DataConfig(hangul_jamo=True), model=TINY))
+    assert run_cli(main, ["--run", str(tmp_path / "ko"), "--prime", "대한", "-n", "40",
+                          "--seed", "2"]) == 0
+    out, _ = capsys.readouterr()
+    text = compose_hangul(Generator(model, vocab).generate(decompose_hangul("대한"), 40, seed=2))
+    assert out == text + ("" if text.endswith("\n") else "\n")
