@@ -29,9 +29,11 @@ THIS_FILE = Path(__file__).resolve()
 REPO = THIS_FILE.parents[1]
 CHILD_TIMEOUT = 150  # seconds for a child (or a pair of workers) before it counts as hung
 
-# kernel auto: the fused CPU kernel, the one a CPU-only machine trains with.
+# kernel auto: the fused CPU kernel, the one a CPU-only machine trains with. Dropout on: each
+# replica must apply the masks one device applies to its rows.
 TINY = [("data", "batch_size", 4), ("data", "seq_length", 8), ("model", "num_layers", 2),
         ("model", "hidden_size", 8), ("model", "embedding_size", 8), ("model", "kernel", "auto"),
+        ("model", "dropout", 0.3),
         ("train", "learning_rate", 0.05), ("train", "eval_every", 1000),
         ("train", "sample_every", 1000), ("train", "checkpoint_every", 1000),
         ("train", "log_every", 1000), ("data", "val_fraction", 0.0)]

@@ -307,6 +307,21 @@ def test_dropout_is_active_in_training_only():
     assert not np.allclose(eval_a, train_a)
 
 
+def test_dropout_masks_follow_the_seed_and_split_by_rows():
+    model = build_model(ModelConfig(hidden_size=16, embedding_size=8, dropout=0.5), 7)
+    ids = tf.constant(np.arange(40).reshape(4, 10) % 7)
+    states = model.zero_states(4)
+    seed = tf.constant([3, 5], tf.int64)
+    full, _ = model(ids, states, training=True, dropout_seed=seed)
+    again, _ = model(ids, states, training=True, dropout_seed=seed)
+    other, _ = model(ids, states, training=True, dropout_seed=tf.constant([3, 6], tf.int64))
+    np.testing.assert_array_equal(full, again)
+    assert not np.allclose(full, other)
+    halves = [model(ids[start:start + 2], tuple(s[start:start + 2] for s in states),
+                    training=True, dropout_seed=seed, rows=(start, 4))[0] for start in (0, 2)]
+    np.testing.assert_allclose(np.concatenate(halves), full, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_keeps_logits_and_state_in_float32(precision):
     model = build_model(ModelConfig(hidden_size=8, embedding_size=4, precision=precision,

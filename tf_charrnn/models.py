@@ -58,16 +58,12 @@ class CharRNN(keras.Model):
         # Default activations, no recurrent dropout and reset_after=True (GRU's default) keep
         # Keras's cuDNN kernel eligible on a GPU. Each layer is its own attribute (rnn_0, ...)
         # because tf.train.Checkpoint does not look inside plain lists on a Keras model.
-        self.rnn_layers, self.dropout_layers = [], []
+        self.rnn_layers = []
         for index in range(num_layers):
             layer = layer_class(hidden_size, return_sequences=True, return_state=True,
                                 dtype=policy, name=f"{cell}_{index}")
             setattr(self, f"rnn_{index}", layer)
             self.rnn_layers.append(layer)
-            if dropout > 0:
-                dropout_layer = keras.layers.Dropout(dropout, name=f"dropout_{index}")
-                setattr(self, f"dropout_{index}", dropout_layer)
-                self.dropout_layers.append(dropout_layer)
         # Logits, loss and the carried state stay in full precision under a mixed policy.
         self.state_dtype = "float32" if policy else keras.config.floatx()
         self.head = keras.layers.Dense(vocab_size, dtype=self.state_dtype, name="logits")
@@ -85,7 +81,15 @@ class CharRNN(keras.Model):
         return tuple(tf.zeros([batch_size, self.hidden_size], dtype=self.state_dtype)
                      for _ in range(self.num_states))
 
-    def call(self, ids, states, training=False):
+    def call(self, ids, states, training=False, dropout_seed=None, rows=None):
+        """(ids [B, T], states) -> (logits [B, T, V], new states).
+
+        Dropout (training only) draws from dropout_seed, a stateless seed [2], when given: the
+        trainer folds the step into it, so a resumed run draws the same masks. rows = [offset,
+        total] says that these B rows are rows offset.. of a global batch of `total` rows; the
+        mask is drawn for the global batch and sliced, so replicas that split a batch apply the
+        masks one device would. Without a seed the masks are drawn from the global RNG.
+        """
         if self.one_hot:
             x = tf.one_hot(tf.cast(ids, tf.int32), self.vocab_size,
                            dtype=self.rnn_layers[0].compute_dtype)  # [B, T, V]
@@ -97,14 +101,21 @@ class CharRNN(keras.Model):
             layer_states = list(states[index * per_layer:(index + 1) * per_layer])
             x, *layer_states = layer(x, initial_state=layer_states, training=training)  # [B, T, H]
             new_states.extend(tf.cast(state, self.state_dtype) for state in layer_states)
-            if self.dropout_layers:
-                x = self.dropout_layers[index](x, training=training)
+            if training and self.dropout > 0:
+                x = self._dropout(x, index, dropout_seed, rows)
         return self.head(x), tuple(new_states)  # [B, T, V]
 
-    def rng_variables(self):
-        """The dropout layers' RNG states by name, for a checkpoint that resumes exactly."""
-        return {f"dropout_rng_{index}": layer.seed_generator.state
-                for index, layer in enumerate(self.dropout_layers)}
+    def _dropout(self, x, index, dropout_seed, rows):
+        offset, total = (rows[0], rows[1]) if rows is not None else (0, tf.shape(x)[0])
+        shape = tf.concat([[total], tf.shape(x)[1:]], 0)  # the global batch's [B, T, H]
+        if dropout_seed is None:
+            noise = tf.random.uniform(shape)
+        else:
+            seed = tf.random.experimental.stateless_fold_in(
+                tf.cast(dropout_seed, tf.int64), index)
+            noise = tf.random.stateless_uniform(shape, seed)
+        keep = noise[offset:offset + tf.shape(x)[0]] >= self.dropout  # this call's rows
+        return tf.where(keep, x / tf.cast(1.0 - self.dropout, x.dtype), tf.zeros_like(x))
 
     def build_weights(self):
         """Create every variable by running one tiny batch."""

@@ -8,7 +8,9 @@ The loop feeds K batches at a time to one compiled call that runs K steps; the h
 carried from batch to batch within an epoch (truncated BPTT over the loader's continuing rows) and
 reset at each epoch. The learning rate is a pure function of the step. Checkpoints hold everything
 a resumed run needs to continue exactly: model, optimiser slots, step, epoch, batch pointer,
-carried state, dropout RNG state and the smoothed loss.
+carried state and the smoothed loss; dropout masks are drawn from the seed and the step, so a
+resumed run draws the same ones. TensorFlow is imported inside functions, so `--help` and
+argument errors answer without loading it.
 """
 
 import dataclasses
@@ -160,13 +162,7 @@ class TrainProgress:
 
     def reset_states(self):
         for state in self.states:
-            state.assign(tf_zeros_like(state))
-
-
-def tf_zeros_like(variable):
-    import tensorflow as tf
-
-    return tf.zeros(variable.shape, variable.dtype)
+            state.assign(np.zeros(state.shape, state.dtype.as_numpy_dtype))
 
 
 def sequence_loss(logits, targets, reduction_size):
@@ -206,13 +202,15 @@ def make_train_call(model, optimizer, progress, strategy, config: Config):
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)  # mixed_float16
     variables = model.trainable_variables
 
-    def replica_step(x, y, states):
+    def replica_step(x, y, states, dropout_seed):
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
         start = replica * rows
         x_rows, y_rows = x[start:start + rows], y[start:start + rows]  # [B/R, T]
         state_rows = [state[start:start + rows] for state in states]
         with tf.GradientTape() as tape:
-            logits, new_states = model(x_rows, tuple(state_rows), training=True)  # [B/R, T, V]
+            logits, new_states = model(x_rows, tuple(state_rows), training=True,
+                                       dropout_seed=dropout_seed,
+                                       rows=tf.stack([start, batch_size]))  # [B/R, T, V]
             loss = sequence_loss(logits, y_rows, loss_denominator)
             tape_loss = optimizer.scale_loss(loss) if scaled else loss
         grads = tape.gradient(tape_loss, variables)
@@ -220,7 +218,11 @@ def make_train_call(model, optimizer, progress, strategy, config: Config):
         return loss, grads, list(new_states)
 
     def one_step(x, y, states):
-        loss, grads, new_states = strategy.run(replica_step, args=(x, y, states))
+        # The step's dropout seed: the same masks on a resumed run and on any number of replicas.
+        dropout_seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([train.seed, 0], tf.int64), optimizer.iterations)
+        loss, grads, new_states = strategy.run(replica_step,
+                                               args=(x, y, states, dropout_seed))
         loss = strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
         grads = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
         if replicas > 1:
@@ -460,12 +462,12 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
             optimizer.build(model.trainable_variables)
             progress = TrainProgress(model, data.batch_size)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                         **progress.trackables(), **model.rng_variables())
+                                         **progress.trackables())
         if resuming:
             info = run.newest_checkpoint(say)
             if info is None:
                 raise CharRNNError(f"every checkpoint of {run_path} is damaged: start a new --run")
-            restore_checkpoint(checkpoint, info, what="training state")
+            restore_checkpoint(checkpoint, info, vocab, what="training state")
             step = int(optimizer.iterations.numpy())  # int() fails on a distributed variable
             say(f"resumed {run_path} from {info.prefix} (step {step})")
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -524,7 +526,7 @@ class _Loop:
         window_losses, window_norms, window_time = [], [], 0.0
         chars_per_sec = float("nan")
         started_at = time.perf_counter()
-        steps_at_start = self.step
+        rate_since, rate_steps = None, 0  # the ETA's clock starts after the first (compiling) call
         max_seconds = t.max_seconds or float("inf")
         while (self.step < self.total_steps and not self.stop
                and time.perf_counter() - started_at < max_seconds):
@@ -557,7 +559,10 @@ class _Loop:
                 chars_per_sec = len(window_losses) * chars_per_step / max(window_time, 1e-9)
                 self._log_train(step, window_losses, window_norms, chars_per_sec)
                 window_losses, window_norms, window_time = [], [], 0.0
-            rate = (step - steps_at_start) / max(time.perf_counter() - started_at, 1e-9)
+            if rate_since is None:
+                rate_since, rate_steps, rate = time.perf_counter(), step, 0.0
+            else:
+                rate = (step - rate_steps) / max(time.perf_counter() - rate_since, 1e-9)
             line.update(step, self._status(step, losses[-1], chars_per_sec, rate))
             if self._crossed(step, count, t.eval_every):
                 self._validate(line)
@@ -616,9 +621,10 @@ class _Loop:
 
     def _status(self, step, loss, chars_per_sec, steps_per_sec):
         eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+        speed = f"{chars_per_sec:,.0f}" if math.isfinite(chars_per_sec) else "-"
         text = (f"step {step}/{self.total_steps} epoch {int(self.progress.epoch.numpy()) + 1} "
                 f"loss {loss:.3f} bpc {loss / LN2:.3f} lr {self._learning_rate():.2e} "
-                f"{chars_per_sec:,.0f} chars/s ETA {format_eta(eta)}")
+                f"{speed} chars/s ETA {format_eta(eta)}")
         if self.config.train.loss_smoothing > 0:
             text += f" smooth_loss {float(self.progress.smooth_loss.numpy()):.3f}"
         return text
@@ -652,7 +658,8 @@ class _Loop:
                 tf.summary.scalar("val/bpc", self.val_loss / LN2)
             if self.val_loss < float(self.progress.best_val_loss.numpy()):
                 self.progress.best_val_loss.assign(self.val_loss)
-                self.run_dir.best.write(self.checkpoint, step, {"val_loss": self.val_loss})
+                self.run_dir.best.write(self.checkpoint, step, {"val_loss": self.val_loss},
+                                        vocab=self.loader.vocab)
                 self.run_dir.best.prune(1)
 
     def _end_of_epoch(self, epoch, line):
@@ -682,7 +689,8 @@ class _Loop:
         if not self.chief:
             return
         metrics = {"val_loss": self.val_loss} if math.isfinite(self.val_loss) else {}
-        self.run_dir.checkpoints.write(self.checkpoint, self.step, metrics)
+        self.run_dir.checkpoints.write(self.checkpoint, self.step, metrics,
+                                       vocab=self.loader.vocab)
         self.run_dir.checkpoints.prune(self.config.train.keep_checkpoints)
 
     def _stop_on_nan(self, step_losses, line):
@@ -763,7 +771,6 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    cli.quiet_tensorflow()
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     result = train(config, run_name=args.run, resume=args.resume)
