@@ -462,13 +462,10 @@ def test_hand_edited_run_files_give_one_line_errors_on_resume_and_sampling(train
     assert one_line(capsys.readouterr().err).startswith("error: ")
 
 
-@pytest.mark.xfail(reason="the checkpoint does not record its vocabulary: two characters "
-                          "swapped in vocab.json keep every shape, so load_run cannot tell",
-                   strict=True)
 def test_swapped_characters_in_vocab_json_are_caught_when_sampling(trained):
     _, run_path = trained
     edit_vocab(run_path, lambda chars: chars[1] + chars[0] + chars[2:])
-    with pytest.raises(CharRNNError):
+    with pytest.raises(CharRNNError, match="vocab.json does not match the vocabulary checkpoint"):
         load_run(run_path, log=lambda *a: None)
 
 

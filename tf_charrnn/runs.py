@@ -14,6 +14,7 @@ from the newest to the oldest and skips, with a warning, any whose files no long
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ class CheckpointInfo:
     prefix: Path      # ckpt-<step>, without the .index / .data-* suffixes
     step: int
     metrics: dict
+    vocab_sha256: str = None  # the vocabulary the weights were trained with
 
     @property
     def name(self):
@@ -56,8 +58,13 @@ class CheckpointStore:
         else:
             path.unlink(missing_ok=True)
 
-    def write(self, checkpoint, step, metrics=None):
-        """Write checkpoint as ckpt-<step>, then its manifest; return its CheckpointInfo."""
+    def write(self, checkpoint, step, metrics=None, vocab=None):
+        """Write checkpoint as ckpt-<step>, then its manifest; return its CheckpointInfo.
+
+        The manifest records the vocabulary's fingerprint: swapping two characters in vocab.json
+        keeps every shape, so only this can tell that the ids no longer mean the same characters.
+        """
+        fingerprint = vocab_fingerprint(vocab) if vocab is not None else None
         self.directory.mkdir(parents=True, exist_ok=True)
         prefix = self.directory / f"ckpt-{step}"
         self.delete(prefix)  # a leftover of a save that was cut short
@@ -65,14 +72,15 @@ class CheckpointStore:
             checkpoint.write(str(prefix))
             files = {path.name: sha256_file(path) for path in self._files(prefix)
                      if not path.name.endswith(".manifest.json")}
-            manifest = {"step": int(step), "files": files, "metrics": metrics or {}}
+            manifest = {"step": int(step), "files": files, "metrics": metrics or {},
+                        "vocab_sha256": fingerprint}
             write_atomic(self.directory / f"ckpt-{step}.manifest.json",
                           json.dumps(manifest, indent=1).encode())
         except Exception as error:
             self.delete(prefix)
             raise CharRNNError(f"could not write checkpoint {prefix} ({error}); the previous "
                                f"checkpoints are kept: free disk space and resume") from None
-        return CheckpointInfo(prefix, int(step), metrics or {})
+        return CheckpointInfo(prefix, int(step), metrics or {}, fingerprint)
 
     def delete(self, prefix):
         for path in [*self._files(prefix), self.directory / f"{prefix.name}_temp"]:
@@ -92,7 +100,8 @@ class CheckpointStore:
             except (OSError, ValueError):
                 manifest = {}
             found.append(CheckpointInfo(self.directory / f"ckpt-{match.group(1)}",
-                                        int(match.group(1)), manifest.get("metrics", {})))
+                                        int(match.group(1)), manifest.get("metrics", {}),
+                                        manifest.get("vocab_sha256")))
         return sorted(found, key=lambda info: info.step, reverse=True)
 
     def verify(self, info):
@@ -287,10 +296,18 @@ class LoadedRun:
     checkpoint: CheckpointInfo
 
 
-def restore_checkpoint(checkpoint, info, what="model"):
+def vocab_fingerprint(vocab):
+    return hashlib.sha256(vocab.chars.encode("utf-8")).hexdigest()
+
+
+def restore_checkpoint(checkpoint, info, vocab, what="model"):
     """Read info into a tf.train.Checkpoint; a mismatch with config.yaml/vocab.json is an error."""
     import tensorflow as tf
 
+    if info.vocab_sha256 and info.vocab_sha256 != vocab_fingerprint(vocab):
+        raise CharRNNError(f"vocab.json does not match the vocabulary checkpoint {info.prefix} "
+                           f"was trained with (same size, other characters or order); restore "
+                           f"the run's original vocab.json")
     try:
         status = checkpoint.read(str(info.prefix))
         status.assert_existing_objects_matched()
@@ -345,5 +362,5 @@ def load_run(path=None, checkpoint=None, runs_dir="runs", log=print):
             raise CharRNNError(f"run {path} has no checkpoint yet: let training run until it saves "
                                f"one (every train.checkpoint_every steps, and at exit)")
     model = build_model(config.model, len(vocab))
-    restore_checkpoint(tf.train.Checkpoint(model=model), info)
+    restore_checkpoint(tf.train.Checkpoint(model=model), info, vocab)
     return LoadedRun(run, config, vocab, corpus, model, info)
