@@ -24,9 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tf_charrnn.cli import quiet_tensorflow  # noqa: E402
 
-quiet_tensorflow()
 
 import keras  # noqa: E402
 

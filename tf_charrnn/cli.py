@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: one-line errors, exit codes, quiet TensorFlow start-up.
+"""Shared command-line plumbing: one-line errors, exit codes, the common flags.
 
 Exit codes: 0 success, 1 runtime error (CharRNNError), 2 usage error (UsageError or a bad flag),
 130 interrupted. `--debug` shows the traceback instead of the one-line message.
@@ -7,13 +7,7 @@ Exit codes: 0 success, 1 runtime error (CharRNNError), 2 usage error (UsageError
 import argparse
 import sys
 
-from tf_charrnn import tfenv
 from tf_charrnn.errors import CharRNNError, UsageError
-
-
-def quiet_tensorflow():
-    """Keep TensorFlow's C++ start-up noise off the terminal (see tf_charrnn.tfenv)."""
-    tfenv.install()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,6 +20,17 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_debug_flag(parser):
     parser.add_argument("--debug", action="store_true",
                         help="show full tracebacks instead of one-line errors")
+
+
+def add_run_arguments(parser):
+    """--run DIR | --checkpoint PATH, and --runs-dir: which trained model a command uses."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--run", metavar="DIR",
+                       help="run directory (default: the most recent run under --runs-dir)")
+    where.add_argument("--checkpoint", metavar="PATH",
+                       help="a checkpoint prefix, e.g. runs/NAME/checkpoints/ckpt-1000")
+    parser.add_argument("--runs-dir", default="runs", metavar="DIR",
+                        help="where to look for the most recent run (default: runs)")
 
 
 def run_cli(main, argv=None):

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tf_charrnn.cli import ArgumentParser, add_debug_flag, quiet_tensorflow, run_cli
+from tf_charrnn.cli import ArgumentParser, add_debug_flag, add_run_arguments, run_cli
 from tf_charrnn.errors import CharRNNError
 from tf_charrnn.sample import CHUNK_LENGTH, SEED_MODULUS, make_chunk_function
 from tf_charrnn.text import HANGUL_ESCAPE
@@ -207,13 +207,7 @@ def build_parser():
                     "string. It needs only TensorFlow to load and run. For a run trained on "
                     "Hangul jamo the prime is decomposed and the text recomposed into syllables "
                     "inside the graph (length counts jamo).")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--run", metavar="DIR",
-                       help="run directory (default: the most recent run under --runs-dir)")
-    where.add_argument("--checkpoint", metavar="PATH",
-                       help="a checkpoint prefix, e.g. runs/NAME/checkpoints/ckpt-1000")
-    parser.add_argument("--runs-dir", default="runs", metavar="DIR",
-                        help="where to look for the most recent run (default: runs)")
+    add_run_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="new (or empty) directory for the SavedModel")
     parser.add_argument("--no-xla", dest="jit_compile", action="store_false",
@@ -229,7 +223,6 @@ def _stderr(message):
 
 
 def main(argv=None):
-    quiet_tensorflow()
     args = build_parser().parse_args(argv)
     export_run(args.out, args.run, args.checkpoint, args.runs_dir, args.jit_compile,
                log=_stderr)

@@ -34,7 +34,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tf_charrnn.cli import ArgumentParser, add_debug_flag, quiet_tensorflow, run_cli
+from tf_charrnn.cli import ArgumentParser, add_debug_flag, add_run_arguments, run_cli
 from tf_charrnn.config import SampleConfig
 from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.text import HANGUL_ESCAPE, compose_hangul, decompose_hangul
@@ -485,13 +485,7 @@ def build_parser():
                     "off, unless the run says otherwise). For a run trained on Hangul jamo the "
                     "prime is decomposed and the output recomposed into syllables; lengths count "
                     "jamo.")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--run", metavar="DIR",
-                       help="run directory (default: the most recent run under --runs-dir)")
-    where.add_argument("--checkpoint", metavar="PATH",
-                       help="a checkpoint prefix, e.g. runs/NAME/checkpoints/ckpt-1000")
-    parser.add_argument("--runs-dir", default="runs", metavar="DIR",
-                        help="where to look for the most recent run (default: runs)")
+    add_run_arguments(parser)
     parser.add_argument("--prime", metavar="TEXT",
                         help="text to start from (default: the most frequent character)")
     parser.add_argument("-n", "--length", type=int,
@@ -560,7 +554,6 @@ def write_samples(generator, options, out=None):
 
 
 def main(argv=None):
-    quiet_tensorflow()
     args = build_parser().parse_args(argv)
     check_sampling_options(**{key: value for key, value in
                               sampling_options(args, SampleConfig()).items()
