@@ -306,12 +306,12 @@ def restore_checkpoint(checkpoint, info, vocab, what="model"):
 
     if info.vocab_sha256 and info.vocab_sha256 != vocab_fingerprint(vocab):
         raise CharRNNError(f"vocab.json does not match the vocabulary checkpoint {info.prefix} "
-                           f"was trained with (same size, other characters or order); restore "
-                           f"the run's original vocab.json")
+                           f"was trained with (other characters, or another order): restore the "
+                           f"run's original vocab.json")
     try:
         status = checkpoint.read(str(info.prefix))
+        status.expect_partial()  # a model-only read leaves the optimiser's slots unread: no warning
         status.assert_existing_objects_matched()
-        status.expect_partial()  # a model-only read leaves the optimiser's slots unread
     except (tf.errors.OpError, ValueError, AssertionError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise CharRNNError(f"checkpoint {info.prefix} does not fit the {what} described by "

@@ -293,33 +293,30 @@ def evaluate(eval_call, rows):
 # --- progress and logging ------------------------------------------------------------------------
 
 class ProgressLine:
-    """One live status line on a terminal; an occasional plain line in a log file."""
+    """One live status line on a terminal, an occasional plain line in a log file; messages
+    (validation, samples) go to say() above it. Disabled, only the messages remain."""
 
-    def __init__(self, total_steps, stream=None, min_interval=None):
+    def __init__(self, say=print, enabled=True, stream=None, min_interval=None):
+        self.say, self.enabled = say, enabled
         self.stream = stream or sys.stdout
-        self.total_steps = total_steps
-        self.live = self.stream.isatty()
+        self.live = enabled and self.stream.isatty()
         self.min_interval = min_interval if min_interval is not None else (
             0.25 if self.live else 10.0)
         self.last_time = 0.0
 
-    def update(self, step, text, force=False):
+    def update(self, text):
         now = time.monotonic()
-        if not force and now - self.last_time < self.min_interval:
+        if not self.enabled or now - self.last_time < self.min_interval:
             return
         self.last_time = now
-        if self.live:
-            self.stream.write("\r\033[K" + text)
-        else:
-            self.stream.write(text + "\n")
+        self.stream.write("\r\033[K" + text if self.live else text + "\n")
         self.stream.flush()
 
     def message(self, text):
-        """A line of its own, above the live line."""
         if self.live:
             self.stream.write("\r\033[K")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+            self.stream.flush()
+        self.say(text)
         self.last_time = 0.0
 
     def close(self):
@@ -403,8 +400,12 @@ def check_writable(path):
         probe.unlink(missing_ok=True)
 
 
-def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None):
-    """Train per config into runs/<run_name>; return a TrainResult. Resumes an existing run."""
+def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None,
+          show_progress=True):
+    """Train per config into runs/<run_name>; return a TrainResult. Resumes an existing run.
+
+    log receives every message; show_progress=False drops the live status line.
+    """
     import keras
     import tensorflow as tf
 
@@ -479,7 +480,7 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
             f"{steps_per_epoch} batches/epoch of {data.batch_size}x{data.seq_length}); "
             f"run: {run_path}")
         loop = _Loop(config, run, loader, model, optimizer, progress, checkpoint, strategy,
-                     chief, total_steps, say, stop)
+                     chief, total_steps, say, stop, show_progress)
         return loop.run()
     finally:
         if stop_flag is None:
@@ -492,12 +493,13 @@ class _Loop:
     """The epoch/batch loop with its periodic evaluation, sampling, logging and checkpoints."""
 
     def __init__(self, config, run, loader, model, optimizer, progress, checkpoint, strategy,
-                 chief, total_steps, say, stop):
+                 chief, total_steps, say, stop, show_progress=True):
         import tensorflow as tf
 
         self.config, self.run_dir, self.loader, self.model = config, run, loader, model
         self.optimizer, self.progress, self.checkpoint = optimizer, progress, checkpoint
         self.chief, self.total_steps, self.say, self.stop = chief, total_steps, say, stop
+        self.show_progress = show_progress
         self.train_call = make_train_call(model, optimizer, progress, strategy, config)
         self.eval_call = make_eval_call(model, config)
         self.writer = tf.summary.create_file_writer(str(run.path)) if chief else None
@@ -518,7 +520,7 @@ class _Loop:
         t, data = self.config.train, self.config.data
         chars_per_step = data.batch_size * data.seq_length
         losses, stopped = [], "done"
-        line = ProgressLine(self.total_steps)
+        line = ProgressLine(self.say, enabled=self.show_progress)
         if self.chief and self.step == 0:
             with self.writer.as_default():
                 from tensorboard.plugins.hparams import api as hparams
@@ -563,7 +565,8 @@ class _Loop:
                 rate_since, rate_steps, rate = time.perf_counter(), step, 0.0
             else:
                 rate = (step - rate_steps) / max(time.perf_counter() - rate_since, 1e-9)
-            line.update(step, self._status(step, losses[-1], chars_per_sec, rate))
+            seconds_left = max_seconds - (time.perf_counter() - started_at)
+            line.update(self._status(step, losses[-1], chars_per_sec, rate, seconds_left))
             if self._crossed(step, count, t.eval_every):
                 self._validate(line)
             if self._crossed(step, count, t.sample_every):
@@ -619,8 +622,9 @@ class _Loop:
             smooth = smooth * smoothing + float(loss) * seq_length * (1 - smoothing)
         self.progress.smooth_loss.assign(smooth)
 
-    def _status(self, step, loss, chars_per_sec, steps_per_sec):
+    def _status(self, step, loss, chars_per_sec, steps_per_sec, seconds_left):
         eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+        eta = min(eta, seconds_left) if steps_per_sec > 0 else eta  # --max-seconds may end first
         speed = f"{chars_per_sec:,.0f}" if math.isfinite(chars_per_sec) else "-"
         text = (f"step {step}/{self.total_steps} epoch {int(self.progress.epoch.numpy()) + 1} "
                 f"loss {loss:.3f} bpc {loss / LN2:.3f} lr {self._learning_rate():.2e} "
