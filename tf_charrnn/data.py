@@ -285,11 +285,14 @@ class BatchRows:
         for index in range(self.num_batches):
             yield self.batch(index)
 
-    def stacked(self):
-        """All batches as arrays [num_batches, B, T] (a copy)."""
-        shape = (self.batch_size, self.num_batches, self.seq_length)
-        return (np.ascontiguousarray(self.x.reshape(shape).transpose(1, 0, 2)),
-                np.ascontiguousarray(self.y.reshape(shape).transpose(1, 0, 2)))
+    def stacked(self, start=0, count=None, dtype=None):
+        """Batches start..start+count-1 (default: all) as arrays [count, B, T], a copy in dtype
+        (default: the ids' own)."""
+        count = self.num_batches - start if count is None else count
+        columns = slice(start * self.seq_length, (start + count) * self.seq_length)
+        shape = (self.batch_size, count, self.seq_length)
+        return tuple(np.ascontiguousarray(rows[:, columns].reshape(shape).transpose(1, 0, 2),
+                                          dtype) for rows in (self.x, self.y))
 
 
 class TextLoader:
@@ -349,6 +352,4 @@ class TextLoader:
         import tensorflow as tf
 
         rows = {"train": self.train, "val": self.val}[split]
-        x, y = rows.stacked()
-        return tf.data.Dataset.from_tensor_slices((x, y)).map(
-            lambda xb, yb: (tf.cast(xb, tf.int32), tf.cast(yb, tf.int32)))
+        return tf.data.Dataset.from_tensor_slices(rows.stacked(dtype=np.int32))

@@ -285,8 +285,8 @@ def make_eval_call(model, config: Config):
 
 def evaluate(eval_call, rows):
     """Validation loss (nats per character) over every batch of a BatchRows split."""
-    xs, ys = rows.stacked()
-    total = float(eval_call(xs.astype(np.int32), ys.astype(np.int32)))
+    xs, ys = rows.stacked(dtype=np.int32)
+    total = float(eval_call(xs, ys))
     return total / xs.size
 
 
@@ -515,8 +515,6 @@ class _Loop:
         return float(learning_rate_at(self.step, t, self.loader.num_batches, self.total_steps))
 
     def run(self):
-        import tensorflow as tf
-
         t, data = self.config.train, self.config.data
         chars_per_step = data.batch_size * data.seq_length
         losses, stopped = [], "done"
@@ -543,7 +541,7 @@ class _Loop:
                 self.progress.reset_states()
             count = self._steps_this_call(batch)
             call_start = time.perf_counter()
-            xs, ys = self._batches(batch, count)
+            xs, ys = self.loader.train.stacked(batch, count, np.int32)  # [K, B, T]
             step_losses, step_norms = self.train_call(xs, ys)
             step_losses, step_norms = step_losses.numpy(), step_norms.numpy()
             window_time += time.perf_counter() - call_start
@@ -596,14 +594,6 @@ class _Loop:
                    (t.log_every, t.eval_every, t.sample_every, t.checkpoint_every)]
         return max(1, min(t.steps_per_call, self.loader.num_batches - batch,
                           self.total_steps - step, *to_next))
-
-    def _batches(self, batch, count):
-        rows, t = self.loader.train, self.config.data.seq_length
-        columns = slice(batch * t, (batch + count) * t)
-        shape = (rows.batch_size, count, t)
-        xs = rows.x[:, columns].reshape(shape).transpose(1, 0, 2)  # [K, B, T]
-        ys = rows.y[:, columns].reshape(shape).transpose(1, 0, 2)
-        return np.ascontiguousarray(xs, np.int32), np.ascontiguousarray(ys, np.int32)
 
     @staticmethod
     def _crossed(step, count, every):
