@@ -74,8 +74,7 @@ class CheckpointStore:
                      if not path.name.endswith(".manifest.json")}
             manifest = {"step": int(step), "files": files, "metrics": metrics or {},
                         "vocab_sha256": fingerprint}
-            write_atomic(self.directory / f"ckpt-{step}.manifest.json",
-                          json.dumps(manifest, indent=1).encode())
+            write_atomic(self.manifest_path(prefix.name), json.dumps(manifest, indent=1).encode())
         except Exception as error:
             self.delete(prefix)
             raise CharRNNError(f"could not write checkpoint {prefix} ({error}); the previous "
@@ -104,9 +103,13 @@ class CheckpointStore:
                                         manifest.get("vocab_sha256")))
         return sorted(found, key=lambda info: info.step, reverse=True)
 
+    def manifest_path(self, name):
+        """ckpt-<step>'s manifest: written last, its presence marks the checkpoint complete."""
+        return self.directory / f"{name}.manifest.json"
+
     def verify(self, info):
         """None when every file of info matches its manifest, else what is wrong."""
-        manifest_path = self.directory / f"{info.name}.manifest.json"
+        manifest_path = self.manifest_path(info.name)
         try:
             manifest = json.loads(manifest_path.read_text())
             files = manifest["files"]
@@ -274,10 +277,10 @@ def latest_run(runs_dir):
     if runs_dir.is_dir():
         for path in runs_dir.iterdir():
             run = Run(path)
-            if run.exists() and path.is_dir():
-                manifests = list(path.glob("checkpoints/*.manifest.json")) + \
-                    list(path.glob("best/*.manifest.json"))
-                stamp = max((m.stat().st_mtime for m in manifests), default=None)
+            if run.exists():
+                stamp = max((store.manifest_path(info.name).stat().st_mtime
+                             for store in (run.checkpoints, run.best)
+                             for info in store.complete()), default=None)
                 if stamp is not None:
                     candidates.append((stamp, path))
     if not candidates:
