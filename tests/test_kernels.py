@@ -289,9 +289,38 @@ def test_dropout_runs_keras_loop_only_while_training(fused_calls):
     assert fused_calls == ["lstm"]
 
 
-def test_mixed_precision_runs_keras_loop(fused_calls):
-    stock = keras.layers.GRU(H, return_sequences=True, dtype="mixed_bfloat16")
-    fused = kernels.FusedGRU(H, return_sequences=True, dtype="mixed_bfloat16")
+def _assert_close_in_bfloat16(actual, expected):
+    """bfloat16 keeps 8 bits of mantissa: errors of a few parts in a thousand per product."""
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        scale = np.max(np.abs(e)) + 1e-3
+        assert np.max(np.abs(a - e)) <= 0.03 * scale, (np.max(np.abs(a - e)), scale)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_mixed_bfloat16_runs_the_fused_kernel_close_to_float32(kind, fused_calls):
+    """bfloat16 GEMMs and float32 loops: outputs and gradients within bfloat16 rounding of the
+    float32 layer with the same weights, and at least as close as Keras's own bfloat16 loop."""
+    reference, _ = _layer_pair(kind, "float32")
+    stock, fused = _layer_pair(kind, "mixed_bfloat16")
+    for layer in (stock, fused):
+        layer.set_weights(reference.get_weights())
+    x, states = _inputs(kind, "float32")
+    expected_results, expected_grads = _run(reference, x, states)
+    results, grads = _run(fused, x, states)
+    assert fused_calls == [kind]
+    assert results[0].dtype.name == "bfloat16"
+    _assert_close_in_bfloat16([r.astype(np.float32) for r in results], expected_results)
+    _assert_close_in_bfloat16(grads, expected_grads)
+    stock_results, stock_grads = _run(stock, x, states)
+    fused_error = max(np.max(np.abs(g - e)) for g, e in zip(grads, expected_grads))
+    stock_error = max(np.max(np.abs(g - e)) for g, e in zip(stock_grads, expected_grads))
+    assert fused_error <= 2 * stock_error, (fused_error, stock_error)
+
+
+def test_float16_runs_keras_loop(fused_calls):
+    stock = keras.layers.GRU(H, return_sequences=True, dtype="mixed_float16")
+    fused = kernels.FusedGRU(H, return_sequences=True, dtype="mixed_float16")
     for layer in (stock, fused):
         layer.build((B, T, D))
     fused.set_weights(stock.get_weights())

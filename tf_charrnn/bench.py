@@ -56,7 +56,7 @@ SIZES = {
 TORCH_RECIPES = ("lecture", "medium", "large", "gru")
 
 
-def recipe_config(name, kernel="auto", steps_per_call=None):
+def recipe_config(name, kernel="auto", steps_per_call=None, precision="float32"):
     """The Config a benchmark recipe trains with."""
     if name not in SIZES:
         raise UsageError(f"unknown recipe '{name}': choose from {', '.join(SIZES)}")
@@ -69,49 +69,57 @@ def recipe_config(name, kernel="auto", steps_per_call=None):
             ("model", "cell", size["cell"]), ("model", "num_layers", size["num_layers"]),
             ("model", "hidden_size", size["hidden_size"]),
             ("model", "embedding_size", size["embedding_size"])])
-    overrides = [("model", "kernel", kernel)]
+    overrides = [("model", "kernel", kernel), ("model", "precision", precision)]
     if steps_per_call:
         overrides.append(("train", "steps_per_call", steps_per_call))
     return apply_overrides(config, overrides)
 
 
 def gemm_shapes(config, vocab_size):
-    """The (m, k, n) matmuls of one training step's forward pass, with how often each runs.
+    """The (m, k, n) matmuls of one training step's forward pass: ((m, k, n), count, dtype).
 
-    The first layer's input projection counts as a GEMM, as in the peers' FLOP counts, though a
-    one-hot or embedded input lets a kernel read it as rows of the weight matrix.
+    count is how often each runs; dtype the one it runs in: under mixed_bfloat16 the fused
+    kernel's input projections take bfloat16 operands while its loops (the per-step product) and
+    the output layer stay float32. The first layer's input projection counts as a GEMM, as in the
+    peers' FLOP counts, though a one-hot or embedded input lets a kernel read it as rows of the
+    weight matrix.
     """
+    from tf_charrnn.models import resolve_kernel
+
     data, model = config.data, config.model
+    low = "bfloat16" if model.precision == "mixed_bfloat16" else "float32"
+    per_step = "float32" if resolve_kernel(model.kernel) == "fused" else low
     gates = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell] * model.hidden_size
     rows = data.batch_size * data.seq_length
     shapes = []
     width = vocab_size if model.one_hot else model.embedding_size
     for _ in range(model.num_layers):
-        shapes.append(((rows, width, gates), 1))
-        shapes.append(((data.batch_size, model.hidden_size, gates), data.seq_length))
+        shapes.append(((rows, width, gates), 1, low))
+        shapes.append(((data.batch_size, model.hidden_size, gates), data.seq_length, per_step))
         width = model.hidden_size
-    shapes.append(((rows, model.hidden_size, vocab_size), 1))
+    shapes.append(((rows, model.hidden_size, vocab_size), 1, "float32"))
     return shapes
 
 
 def flops_per_char(config, vocab_size):
     chars = config.data.batch_size * config.data.seq_length
-    return sum(2 * m * k * n * count for (m, k, n), count in gemm_shapes(config, vocab_size)) / chars
+    shapes = gemm_shapes(config, vocab_size)
+    return sum(2 * m * k * n * count for (m, k, n), count, _ in shapes) / chars
 
 
 def measure_matmul_gflops(config, vocab_size, seconds=1.0):
-    """tf.matmul's GFLOP/s on the model's own GEMM shapes, combined by FLOP weight."""
+    """tf.matmul's GFLOP/s on the model's own GEMM shapes and dtypes, combined by FLOP weight."""
     import tensorflow as tf
 
     total_flops, total_time = 0.0, 0.0
-    for (m, k, n), count in gemm_shapes(config, vocab_size):
-        a = tf.random.normal([m, k])
-        b = tf.random.normal([k, n])
+    for (m, k, n), count, dtype in gemm_shapes(config, vocab_size):
+        a = tf.random.normal([m, k], dtype=dtype)
+        b = tf.random.normal([k, n], dtype=dtype)
         repeats = 20
 
         @tf.function
         def run(a, b):
-            out = tf.zeros([m, n])
+            out = tf.zeros([m, n], dtype)
             for _ in tf.range(repeats):
                 out += tf.matmul(a, b)
             return out
@@ -269,8 +277,8 @@ def run_torch_peer(recipe, seconds, val_budget, corpus_path):
 
 
 def bench_recipe(name, args):
-    config = recipe_config(name, args.kernel, args.steps_per_call)
-    result = {"recipe": name, "kernel": config.model.kernel,
+    config = recipe_config(name, args.kernel, args.steps_per_call, args.precision)
+    result = {"recipe": name, "kernel": config.model.kernel, "precision": args.precision,
               "steps_per_call": config.train.steps_per_call}
     result["flops_per_char"] = flops_per_char(config, VOCAB_SIZE)
     result["matmul_gflops"] = measure_matmul_gflops(config, VOCAB_SIZE, args.matmul_seconds)
@@ -279,7 +287,7 @@ def bench_recipe(name, args):
     result["train_gflops"] = train_gflops
     # Tiny GEMMs (min-char-rnn's [1, 100] x [100, 100]) time tf.matmul's per-op overhead, not
     # the arithmetic: no meaningful matmul limit exists for them.
-    if min(m * k * n for (m, k, n), _ in gemm_shapes(config, VOCAB_SIZE)) >= 500_000:
+    if min(m * k * n for (m, k, n), _, _ in gemm_shapes(config, VOCAB_SIZE)) >= 500_000:
         result["roofline_fraction"] = train_gflops / result["matmul_gflops"]
     if not args.no_sample:
         result.update(measure_sampling_speed(model, args.sample_seconds))
@@ -333,6 +341,9 @@ def build_parser():
     parser.add_argument("--matmul-seconds", type=float, default=0.5)
     parser.add_argument("--no-sample", action="store_true", help="skip the sampling measurements")
     parser.add_argument("--kernel", default="auto", choices=("auto", "keras", "fused"))
+    parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16"),
+                        help="the model's precision (mixed_bfloat16: bfloat16 GEMMs, float32 "
+                             "loops; the PyTorch peer stays float32)")
     parser.add_argument("--steps-per-call", type=int, default=None,
                         help="train steps per compiled call (default: the recipe's)")
     parser.add_argument("--val-budget", type=float, default=None, metavar="SECONDS",
@@ -366,6 +377,7 @@ def main(argv=None):
                "peak_rss_mb": peak_rss_mb()}
     if args.preprocess_mb > 0:
         summary.update(measure_preprocess(args.preprocess_mb))
+    print(f"precision {args.precision}")
     print(format_table(results))
     if args.preprocess_mb > 0:
         print(f"\npreprocess {summary['preprocess_mb']:.0f} MB: "

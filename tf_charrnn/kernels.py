@@ -9,8 +9,8 @@ FusedLSTM, FusedGRU and FusedSimpleRNN are the Keras layers with one method repl
 between a fused layer and the stock one (which runs cuDNN on a GPU). Whatever the fused path does
 not cover falls back to the stock Keras loop: a mask, go_backwards, use_bias=False, activations
 other than tanh/sigmoid, GRU reset_after=False, dropout or recurrent_dropout while training,
-compute dtypes other than float32/float64 (so mixed precision runs Keras's loop), and a visible GPU
-where Keras would pick cuDNN.
+compute dtypes other than float32, float64 and bfloat16 (mixed_float16 runs Keras's loop), and a
+visible GPU where Keras would pick cuDNN.
 
 How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, time-major inside):
   forward   xw = X W + b for all steps as one GEMM [T*B, D] @ [D, G]; then a loop that does only
@@ -25,6 +25,10 @@ How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, ti
   can (`xla_loops_available()`), plain tf.while_loops otherwise; the big GEMMs stay outside XLA,
   on TensorFlow's own (oneDNN) matmul. An inference call (training=False) skips the per-step
   factors and recomputes them only if a gradient is asked for after all.
+  Under a mixed_bfloat16 policy the big GEMMs take bfloat16 operands (oneDNN runs them on AMX or
+  AVX-512 BF16 where the CPU has them: 3-4x float32's rate on these shapes here) while the loops,
+  the carried state and the gate math stay float32; XLA's CPU dot gains nothing from bfloat16
+  (0.5x float32 on the per-step product), so the loops do not use it.
 
 Measured (benchmarks/kernels_micro.py: 2 stacked layers, forward + backward w.r.t. inputs,
 initial states and weights, float32, one tf.function step, 9 interleaved rounds, median of the
@@ -36,6 +40,10 @@ per-round ratios; TF 2.21 on 2 shared cores of a Xeon with AVX-512, so about +-1
     FusedSimpleRNN          2.07                              1.64
     same, plain loops       1.16 / 1.28 / 1.70                1.05 / 1.01 / 1.36
     stock Keras under XLA   0.61 / 0.78 / 0.42                0.47 / 0.51 / 0.29
+
+Whole train step (tf_charrnn.bench's train call, Adam included), mixed_bfloat16 over float32 with
+the fused kernel, same run, on a Xeon with AMX: lecture 1.09x, medium 1.16x, large 1.24x (3x512),
+GRU 1.10x.
 
 The fused LSTM reaches about 73 GFLOP/s at lecture size against about 140 for one big matmul on
 this machine; what is left is the per-step gate math, which is memory-bound here. Variants tried
@@ -62,7 +70,9 @@ from keras import activations, ops
 
 _TANH = (activations.tanh, tf.tanh, tf.math.tanh, ops.tanh)
 _SIGMOID = (activations.sigmoid, tf.sigmoid, tf.math.sigmoid, ops.sigmoid)
-_FUSED_DTYPES = (tf.float32, tf.float64)
+# Input dtype -> the dtype the loops run in. bfloat16 (a mixed_bfloat16 policy) keeps its GEMMs in
+# bfloat16 and runs the loops, their state and the gate math in float32.
+LOOP_DTYPES = {tf.float32: tf.float32, tf.float64: tf.float64, tf.bfloat16: tf.float32}
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,10 +111,10 @@ class _LSTMMath:
     @staticmethod
     def prepare(kernel, recurrent_kernel, bias):
         n = recurrent_kernel.shape[0]
-        scale = _blocks(kernel.dtype, n, (0.5, 0.5, 1.0, 0.5))  # [G]
-        shift = _blocks(kernel.dtype, n, (0.5, 0.5, 0.0, 0.5))
+        scale = _blocks(recurrent_kernel.dtype, n, (0.5, 0.5, 1.0, 0.5))  # [G]
+        shift = _blocks(recurrent_kernel.dtype, n, (0.5, 0.5, 0.0, 0.5))
         step_consts = (recurrent_kernel * scale, scale, shift)
-        return scale, kernel * scale, bias * scale, step_consts
+        return scale, kernel * tf.cast(scale, kernel.dtype), bias * scale, step_consts
 
     @staticmethod
     def step(xw_t, states, consts, with_jacobian):
@@ -149,10 +159,10 @@ class _GRUMath:
     @staticmethod
     def prepare(kernel, recurrent_kernel, bias):
         n = recurrent_kernel.shape[0]
-        scale = _blocks(kernel.dtype, n, (0.5, 0.5, 1.0))  # [G]
+        scale = _blocks(recurrent_kernel.dtype, n, (0.5, 0.5, 1.0))  # [G]
         scaled_bias = bias * scale  # [2, G]: input bias, recurrent bias
         step_consts = (recurrent_kernel * scale, scaled_bias[1])
-        return scale, kernel * scale, scaled_bias[0], step_consts
+        return scale, kernel * tf.cast(scale, kernel.dtype), scaled_bias[0], step_consts
 
     @staticmethod
     def step(xw_t, states, consts, with_jacobian):
@@ -302,39 +312,59 @@ def _fused_function(kind, compiled, return_sequences, training):
             tf.stop_gradient(t) for t in (x_tm, kernel, recurrent_kernel, bias)
         )
         states0 = tuple(tf.stop_gradient(t) for t in states0)
+        # The GEMMs run in the inputs' dtype (bfloat16 under a mixed policy: oneDNN's AMX/AVX-512
+        # BF16 path); the loops and their state in LOOP_DTYPES of it (float32 for bfloat16).
+        gemm_dtype = x_tm.dtype
+        loop_dtype = LOOP_DTYPES[gemm_dtype]
+        in_dtypes = [t.dtype for t in (x_tm, kernel, recurrent_kernel, bias) + states0]
+
+        def to_gemm(t):
+            return tf.cast(t, gemm_dtype)
+
+        def to_loop(t):
+            return tf.cast(t, loop_dtype)
+
         n_steps, batch = tf.shape(x_tm)[0], tf.shape(x_tm)[1]
         d, n_units = x_tm.shape[-1], recurrent_kernel.shape[0]
-        scale, w_kernel, w_bias, consts = math.prepare(kernel, recurrent_kernel, bias)
+        scale, w_kernel, w_bias, consts = math.prepare(
+            to_gemm(kernel), to_loop(recurrent_kernel), to_loop(bias))
+        loop_states0 = tuple(to_loop(t) for t in states0)
         g = w_kernel.shape[-1]
         x2 = tf.reshape(x_tm, [-1, d])  # [T*B, D]
-        xw = tf.reshape(tf.nn.bias_add(tf.matmul(x2, w_kernel), w_bias), [n_steps, batch, g])
+        xw = tf.nn.bias_add(to_loop(tf.matmul(x2, w_kernel)), w_bias)
+        xw = tf.reshape(xw, [n_steps, batch, g])
         if training:
-            hs, states, jacs = forward_with_jacobian(xw, states0, consts)
+            hs, states, jacs = forward_with_jacobian(xw, loop_states0, consts)
         else:
-            hs, states, _ = forward_only(xw, states0, consts)
+            hs, states, _ = forward_only(xw, loop_states0, consts)
             jacs = None
-        outputs = ((hs,) if return_sequences else ()) + tuple(states)
+        outputs = ((tf.cast(hs, gemm_dtype),) if return_sequences else ()) + tuple(
+            tf.cast(state, t.dtype) for state, t in zip(states, states0))
 
         def grad(*upstream):
             factors = jacs
             if factors is None:  # a gradient of an inference call: recompute the forward pass
-                _, _, factors = forward_with_jacobian(xw, states0, consts)
-            upstream = [tf.zeros_like(o) if u is None else u for u, o in zip(upstream, outputs)]
+                _, _, factors = forward_with_jacobian(xw, loop_states0, consts)
+            upstream = [tf.zeros(tf.shape(o), loop_dtype) if u is None else to_loop(u)
+                        for u, o in zip(upstream, outputs)]
             d_final = tuple(upstream[1:] if return_sequences else upstream)
             d_hs = upstream[0] if return_sequences else None
             dzs, sums, d_states0 = backward_loop(factors, d_hs, d_final, tf.transpose(consts[0]))
-            dz_in, dz_rec = dzs[0], dzs[-1]  # [T, B, G]
+            dz_in, dz_rec = to_gemm(dzs[0]), to_gemm(dzs[-1])  # [T, B, G]
             dz_in2 = tf.reshape(dz_in, [-1, g])  # [T*B, G]
             # H_prev^T dZ without building H_prev: h0 pairs with step 0, hs[t-1] with step t.
-            h_prev2 = tf.reshape(hs[:-1], [-1, n_units])  # [(T-1)*B, H]
-            d_recurrent = tf.matmul(h_prev2, tf.reshape(dz_rec[1:], [-1, g]), transpose_a=True)
-            d_recurrent += tf.matmul(states0[0], dz_rec[0], transpose_a=True)
-            d_kernel = tf.matmul(x2, dz_in2, transpose_a=True)
+            h_prev2 = tf.reshape(to_gemm(hs[:-1]), [-1, n_units])  # [(T-1)*B, H]
+            d_recurrent = to_loop(tf.matmul(h_prev2, tf.reshape(dz_rec[1:], [-1, g]),
+                                            transpose_a=True))
+            d_recurrent += to_loop(tf.matmul(to_gemm(loop_states0[0]), dz_rec[0],
+                                             transpose_a=True))
+            d_kernel = to_loop(tf.matmul(x2, dz_in2, transpose_a=True))
             d_bias = math.bias_grad(scale, sums)
             if scale is not None:
                 d_kernel, d_recurrent = d_kernel * scale, d_recurrent * scale
             dx = tf.reshape(tf.matmul(dz_in2, w_kernel, transpose_b=True), [n_steps, batch, d])
-            return (dx, d_kernel, d_recurrent, d_bias) + tuple(d_states0)
+            grads = (dx, d_kernel, d_recurrent, d_bias) + tuple(d_states0)
+            return tuple(tf.cast(t, dtype) for t, dtype in zip(grads, in_dtypes))
 
         return outputs, grad
 
@@ -393,7 +423,7 @@ class _FusedInnerLoop:
         if training and (cell.dropout or cell.recurrent_dropout):
             return False
         dtype = tf.as_dtype(sequences.dtype)
-        if dtype not in _FUSED_DTYPES or tf.as_dtype(cell.kernel.dtype) != dtype:
+        if dtype not in LOOP_DTYPES or tf.as_dtype(cell.kernel.dtype) != dtype:
             return False
         return sequences.shape.rank == 3 and sequences.shape[-1] is not None
 
