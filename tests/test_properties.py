@@ -17,7 +17,8 @@ from tf_charrnn.data import TextLoader, Vocab, corpus_text
 from tf_charrnn.errors import CharRNNError
 from tf_charrnn.text import HANGUL_ESCAPE, compose_hangul, decode_bytes, decompose_hangul
 
-FAST = settings(max_examples=60, deadline=None,
+# Derandomized: CI runs the same examples every time (a new example is a new test, not a flake).
+FAST = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 # The loader writes and maps a cache per example: fewer of them.
 LOADER = settings(FAST, max_examples=30)
@@ -108,27 +109,35 @@ def test_text_in_any_encoding_is_detected_or_refused_without_crashing(text, enco
     except UnicodeEncodeError:
         assume(False)
     result = decode_or_error(raw)
-    if result is not None and encoding.startswith(("utf-8", "utf-16", "utf-32")) and \
-            "\x00" not in text:
+    # UTF-8 and the UTF encodings with a byte-order mark are never mis-detected. BOM-less
+    # UTF-16-LE is not among them: 'ā' is b"\x01\x01" in it, which is also valid UTF-8, and the
+    # documented order reads valid UTF-8 as UTF-8.
+    if encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-32") and "\x00" not in text:
         assert result[0] == raw.decode(encoding), "UTF text is never mis-detected"
+    if encoding == "utf-16-le" and b"\x00" not in raw:
+        try:
+            as_utf8 = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        assert result == (as_utf8, "utf-8")
 
 
 # --- Hangul and the vocabulary -------------------------------------------------------------------
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(KOREANISH)
 @example("각\u1161" + HANGUL_ESCAPE)
 def test_decompose_then_compose_is_the_identity(text):
     assert compose_hangul(decompose_hangul(text)) == text
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.text(st.one_of(JAMO, TRICKY, st.characters()), max_size=60))
 def test_compose_never_crashes_on_sampled_jamo(text):
     assert isinstance(compose_hangul(text), str)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.text(st.one_of(HANGUL, JAMO, st.characters(codec="utf-8")), min_size=1, max_size=80))
 def test_vocab_decode_of_encode_is_the_identity(text):
     vocab = Vocab.from_text(text)
