@@ -271,8 +271,10 @@ def run_torch_peer(recipe, seconds, val_budget, corpus_path):
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise CharRNNError(f"the PyTorch peer failed ({last}): install torch, e.g. "
-                               f"pip install torch==2.13.0")
+            if "No module named 'torch'" in done.stderr:
+                raise CharRNNError("--vs-torch needs PyTorch: pip install torch==2.13.0 (a CPU "
+                                   "build will do)")
+            raise CharRNNError(f"the PyTorch peer failed: {last}")
         return json.loads(out.read_text())[recipe]
 
 
@@ -366,8 +368,9 @@ def main(argv=None):
     for name in ("seconds", "sample_seconds", "matmul_seconds"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if args.val_budget and not Path(args.corpus).is_file():
-        raise CharRNNError(f"--val-budget needs a corpus: {args.corpus} not found; pass --corpus")
+    if (args.val_budget or args.vs_torch) and not Path(args.corpus).is_file():
+        needs = "--val-budget" if args.val_budget else "--vs-torch"
+        raise CharRNNError(f"{needs} needs a corpus: {args.corpus} not found; pass --corpus")
     results = []
     for name in args.recipe or list(SIZES):
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
