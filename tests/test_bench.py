@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tf_charrnn import bench
+from tf_charrnn.errors import CharRNNError
 
 
 @pytest.mark.parametrize("recipe, mflop_per_trained_char", [
@@ -42,3 +43,10 @@ def test_a_short_run_prints_the_table_and_writes_every_key(tmp_path, capsys):
                 "naive_sample_chars_per_sec"):
         assert result[key] > 0, key
     assert summary["preprocess_mb_per_sec"] > 0 and summary["peak_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("flag", [["--vs-torch"], ["--val-budget", "5"]])
+def test_a_missing_corpus_is_named_before_anything_runs(tmp_path, flag):
+    missing = tmp_path / "nowhere.txt"
+    with pytest.raises(CharRNNError, match=f"{flag[0]} needs a corpus: .*nowhere.txt not found"):
+        bench.main(["--recipe", "lecture", "--corpus", str(missing)] + flag)
