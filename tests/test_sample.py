@@ -381,3 +381,17 @@ def test_cli_recomposes_a_jamo_run(tmp_path, hangul, capsys):
     out, _ = capsys.readouterr()
     text = compose_hangul(Generator(model, vocab).generate(decompose_hangul("대한"), 40, seed=2))
     assert out == text + ("" if text.endswith("\n") else "\n")
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_a_mixed_precision_run_samples_with_its_weights_in_float32(tmp_path, vocab, precision):
+    config = Config(model=ModelConfig(**dict(TINY.__dict__, precision=precision)))
+    trained = tiny_model(vocab, config.model, seed=3)
+    make_run(tmp_path / "mixed", vocab, trained, config)
+    generator = Generator.from_run(tmp_path / "mixed", log=lambda *a: None)
+    assert generator.model.rnn_layers[0].compute_dtype == "float32"
+    for restored, saved in zip(generator.model.weights, trained.weights):
+        np.testing.assert_array_equal(restored.numpy(), saved.numpy())
+    text = generator.generate("ab", 20, seed=1)
+    assert len(text) == 22 and text.startswith("ab")
+

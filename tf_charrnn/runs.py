@@ -364,6 +364,8 @@ def load_run(path=None, checkpoint=None, runs_dir="runs", log=print):
         if info is None:
             raise CharRNNError(f"run {path} has no checkpoint yet: let training run until it saves "
                                f"one (every train.checkpoint_every steps, and at exit)")
-    model = build_model(config.model, len(vocab))
+    # The weights are float32 under every precision policy; inference runs them in float32,
+    # which is exact and, in the sampler's XLA loop on a CPU, faster than bfloat16.
+    model = build_model(dataclasses.replace(config.model, precision="float32"), len(vocab))
     restore_checkpoint(tf.train.Checkpoint(model=model), info, vocab)
     return LoadedRun(run, config, vocab, corpus, model, info)
