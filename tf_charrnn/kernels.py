@@ -26,9 +26,9 @@ How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, ti
   on TensorFlow's own (oneDNN) matmul. An inference call (training=False) skips the per-step
   factors and recomputes them only if a gradient is asked for after all.
   Under a mixed_bfloat16 policy the big GEMMs take bfloat16 operands (oneDNN runs them on AMX or
-  AVX-512 BF16 where the CPU has them: 3-4x float32's rate on these shapes here) while the loops,
-  the carried state and the gate math stay float32; XLA's CPU dot gains nothing from bfloat16
-  (0.5x float32 on the per-step product), so the loops do not use it.
+  AVX-512 BF16 where the CPU has them: 3-5x float32's rate on these shapes here) while the loops,
+  the carried state and the gate math stay float32: XLA's CPU dot gains nothing from bfloat16
+  (benchmarks/matmul_dtypes.py), and a prototype LSTM step loop in bfloat16 ran at 0.5x float32.
 
 Measured (benchmarks/kernels_micro.py: 2 stacked layers, forward + backward w.r.t. inputs,
 initial states and weights, float32, one tf.function step, 9 interleaved rounds, median of the
