@@ -11,8 +11,9 @@ every weight (no optimizer update). Variants, measured in one process with their
 interleaved (the machine is shared, so only same-run ratios mean anything):
 
     keras        keras.layers.LSTM / GRU / SimpleRNN
-    fused        tf_charrnn.kernels.FusedLSTM / FusedGRU / FusedSimpleRNN (loops compiled with XLA
-                 where xla_loops_available(), as the layers do)
+    fused        tf_charrnn.kernels.FusedLSTM / FusedGRU / FusedSimpleRNN with the loops the layers
+                 choose (kernels.choose_loops: native C++ where it built, else XLA)
+    fused-xla    the same fused recurrence with its loops compiled by XLA (--xla)
     fused-plain  the same fused recurrence with plain tf.while_loops (--plain)
     keras-xla    the stock layers inside tf.function(jit_compile=True) (--keras-xla)
 
@@ -20,7 +21,7 @@ Each round times every variant for about --seconds; the table shows the median o
 rounds in steps/s and the median of the per-round ratios against keras.
 
     python benchmarks/kernels_micro.py [--cells lstm gru] [--sizes lecture medium]
-        [--repeats 7] [--seconds 0.5] [--plain] [--keras-xla]
+        [--repeats 7] [--seconds 0.5] [--xla] [--plain] [--keras-xla]
 """
 
 import argparse
@@ -51,15 +52,15 @@ LAYERS = {
 GATES = {"lstm": 4, "gru": 3, "simple_rnn": 1}
 
 
-class PlainLoops:
-    """A fused layer class whose recurrence runs with plain tf.while_loops (no XLA)."""
+class WithLoops:
+    """A fused layer class whose recurrence runs the given loops (one of kernels.LOOPS)."""
 
-    def __init__(self, layer_class):
-        self.layer_class = layer_class
+    def __init__(self, layer_class, loops):
+        self.layer_class, self.loops = layer_class, loops
 
     def __call__(self, *args, **kwargs):
         layer = self.layer_class(*args, **kwargs)
-        layer._fused_compiled = False
+        layer._fused_loops = self.loops
         return layer
 
 
@@ -112,10 +113,10 @@ def measure(steps, repeats, seconds):
     return times
 
 
-def run(cells=("lstm", "gru"), sizes=("lecture", "medium"), repeats=7, seconds=0.5, plain=False,
-        keras_xla=False):
+def run(cells=("lstm", "gru"), sizes=("lecture", "medium"), repeats=7, seconds=0.5, xla=False,
+        plain=False, keras_xla=False):
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-          f"xla_loops_available={kernels.xla_loops_available()}, "
+          f"loops={kernels.choose_loops(tf.float32)}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     print(f"{'cell':<10} {'size':<8} {'variant':<12} {'steps/s':>8} {'GFLOP/s':>8} {'x keras':>8}")
     rows = []
@@ -124,8 +125,10 @@ def run(cells=("lstm", "gru"), sizes=("lecture", "medium"), repeats=7, seconds=0
         for cell in cells:
             stock, fused, _ = LAYERS[cell]
             steps = {"keras": make_step(stock, cell, size), "fused": make_step(fused, cell, size)}
+            if xla:
+                steps["fused-xla"] = make_step(WithLoops(fused, "xla"), cell, size)
             if plain:
-                steps["fused-plain"] = make_step(PlainLoops(fused), cell, size)
+                steps["fused-plain"] = make_step(WithLoops(fused, "plain"), cell, size)
             if keras_xla:
                 steps["keras-xla"] = make_step(stock, cell, size, jit_compile=True)
             times = measure(steps, repeats, seconds)
@@ -146,10 +149,11 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", default=["lecture", "medium"], choices=sorted(SIZES))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--xla", action="store_true", help="also time fused loops under XLA")
     parser.add_argument("--plain", action="store_true", help="also time fused loops without XLA")
     parser.add_argument("--keras-xla", action="store_true", help="also time Keras under XLA")
     args = parser.parse_args(argv)
-    run(args.cells, args.sizes, args.repeats, args.seconds, args.plain, args.keras_xla)
+    run(args.cells, args.sizes, args.repeats, args.seconds, args.xla, args.plain, args.keras_xla)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The SavedModel export: in-graph Hangul, the generate function, a round trip without the
 package installed."""
 
+import dataclasses
 import json
 import os
 import random
@@ -25,9 +26,9 @@ TINY = ModelConfig(cell="gru", num_layers=2, hidden_size=8, embedding_size=4, ke
 CHARS = "ab \ncde.!xyz"  # V = 12
 
 
-def tiny_model(vocab, seed=0):
+def tiny_model(vocab, seed=0, kernel="keras"):
     keras.utils.set_random_seed(seed)
-    return build_model(TINY, len(vocab))
+    return build_model(dataclasses.replace(TINY, kernel=kernel), len(vocab))
 
 
 def make_run(path, vocab, model, config=None):
@@ -111,10 +112,12 @@ print(json.dumps({"first": generate("ab", 30, 4), "again": generate("ab", 30, 4)
 """
 
 
-def test_export_round_trip_without_the_package(tmp_path, capsys):
+# "fused": the layers this package runs on a CPU, whose native loops must stay out of the export.
+@pytest.mark.parametrize("kernel", ["keras", "fused"])
+def test_export_round_trip_without_the_package(tmp_path, capsys, kernel):
     vocab = Vocab(CHARS)
-    model = tiny_model(vocab)
-    make_run(tmp_path / "run", vocab, model)
+    model = tiny_model(vocab, kernel=kernel)
+    make_run(tmp_path / "run", vocab, model, Config(model=dataclasses.replace(TINY, kernel=kernel)))
     out = tmp_path / "exported"
     assert run_cli(main, ["--run", str(tmp_path / "run"), "--out", str(out)]) == 0
     stdout, stderr = capsys.readouterr()

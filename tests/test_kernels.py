@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_charrnn import kernels
+from tf_charrnn import kernels, native
 
 B, T, D, H = 3, 5, 4, 8
 KINDS = {
@@ -17,12 +17,17 @@ KINDS = {
     "simple_rnn": (keras.layers.SimpleRNN, kernels.FusedSimpleRNN, 1),
 }
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
-COMPILED = [pytest.param(True, id="xla"), pytest.param(False, id="plain")]
+LOOPS = list(kernels.LOOPS)
 
 
-def _needs_xla(compiled):
-    if compiled and not kernels.xla_loops_available():
+def _needs_loops(loops, dtype="float32"):
+    if loops == "xla" and not kernels.xla_loops_available():
         pytest.skip("XLA cannot compile on this CPU build")
+    if loops == "native":
+        if dtype != "float32":
+            pytest.skip("the native loops run float32 only")
+        if native.library() is None:  # test_native_library_builds_where_there_is_a_compiler
+            pytest.skip("the native loops could not be built here")
 
 
 def _random_weights(layer, rng):
@@ -30,25 +35,26 @@ def _random_weights(layer, rng):
     return [w + 0.3 * rng.standard_normal(w.shape) for w in layer.get_weights()]
 
 
-def _layer_pair(kind, dtype="float64", seed=0, compiled=None, **kwargs):
+def _layer_pair(kind, dtype="float64", seed=0, loops=None, batch=B, **kwargs):
     """(stock, fused) layers of one kind, built, with identical random weights."""
     stock_class, fused_class, _ = KINDS[kind]
     kwargs = dict(dict(return_sequences=True, return_state=True), **kwargs)
     stock, fused = stock_class(H, dtype=dtype, **kwargs), fused_class(H, dtype=dtype, **kwargs)
-    fused._fused_compiled = compiled
+    fused._fused_loops = loops
     for layer in (stock, fused):
-        layer.build((B, T, D))
+        layer.build((batch, T, D))
     weights = _random_weights(stock, np.random.default_rng(seed))
     stock.set_weights(weights)
     fused.set_weights(weights)
     return stock, fused
 
 
-def _inputs(kind, dtype, seed=1, steps=T):
+def _inputs(kind, dtype, seed=1, steps=T, batch=B):
     """x [B, T, D] and random non-zero initial states [B, H]."""
     rng = np.random.default_rng(seed)
-    x = tf.constant(rng.standard_normal((B, steps, D)), dtype)
-    states = [tf.constant(rng.standard_normal((B, H)), dtype) for _ in range(KINDS[kind][2])]
+    x = tf.constant(rng.standard_normal((batch, steps, D)), dtype)
+    states = [tf.constant(rng.standard_normal((batch, H)), dtype)
+              for _ in range(KINDS[kind][2])]
     return x, states
 
 
@@ -93,20 +99,74 @@ def fused_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("compiled", COMPILED)
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("return_sequences", [True, False])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_fused_layer_equals_keras_layer_outputs_states_and_gradients(
-        kind, dtype, return_sequences, compiled, fused_calls):
-    _needs_xla(compiled)
-    stock, fused = _layer_pair(kind, dtype, compiled=compiled, return_sequences=return_sequences)
+        kind, dtype, return_sequences, loops, fused_calls):
+    _needs_loops(loops, dtype)
+    stock, fused = _layer_pair(kind, dtype, loops=loops, return_sequences=return_sequences)
     x, states = _inputs(kind, dtype)
     expected_results, expected_grads = _run(stock, x, states)
     results, grads = _run(fused, x, states)
     assert fused_calls == [kind]
     _assert_all_close(results, expected_results, TOLERANCE[dtype])
     _assert_all_close(grads, expected_grads, TOLERANCE[dtype])
+
+
+def test_native_library_builds_where_there_is_a_compiler():
+    """The native tests skip only where nothing could build them, never on a broken build."""
+    if not native.enabled() or native.find_compiler() is None:
+        pytest.skip("no C++ compiler (or TF_CHARRNN_NATIVE=0): the layers run their XLA loops")
+    assert native.library() is not None
+    assert kernels.choose_loops(tf.float32) == "native"
+
+
+@pytest.mark.parametrize("batch", [1, 19])
+@pytest.mark.parametrize("return_sequences", [True, False])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_native_loops_split_batch_rows_and_equal_keras(kind, return_sequences, batch):
+    """19 rows run as two blocks of rows on two threads (one row: one block, no split)."""
+    _needs_loops("native")
+    stock, fused = _layer_pair(kind, "float32", loops="native", batch=batch,
+                               return_sequences=return_sequences)
+    x, states = _inputs(kind, "float32", batch=batch)
+    expected_results, expected_grads = _run(stock, x, states)
+    results, grads = _run(fused, x, states)
+    _assert_all_close(results, expected_results, TOLERANCE["float32"])
+    _assert_all_close(grads, expected_grads, TOLERANCE["float32"])
+
+
+def test_native_loops_are_kept_out_of_xla_float64_and_portable_graphs():
+    _needs_loops("native")
+    assert kernels.choose_loops(tf.float64) != "native"
+    with kernels.portable_loops():
+        assert kernels.choose_loops(tf.float32) != "native"
+    assert kernels.choose_loops(tf.float32) == "native"
+    chosen = []
+    tf.function(lambda: chosen.append(kernels.choose_loops(tf.float32)) or tf.constant(0),
+                jit_compile=True, autograph=False)()
+    assert chosen == ["xla"]
+
+
+def test_a_failed_native_build_says_why_once_and_layers_still_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails every build
+    monkeypatch.setenv("TF_CHARRNN_CACHE", str(tmp_path))
+    with pytest.raises(native.BuildError, match="false failed"):
+        native.build()
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and native.library() is None
+        assert kernels.choose_loops(tf.float32) in ("xla", "plain")
+        stock, fused = _layer_pair("lstm", "float32")
+        x, states = _inputs("lstm", "float32")
+        _assert_all_close(_run(fused, x, states)[0], _run(stock, x, states)[0], 1e-5)
+    finally:
+        native.library.cache_clear()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "native RNN loops unavailable" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []  # no half-built library left behind
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

@@ -375,12 +375,17 @@ def main(argv=None):
     for name in args.recipe or list(SIZES):
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         results.append(bench_recipe(name, args))
+    import tensorflow as tf
+
+    from tf_charrnn.kernels import choose_loops
+
     summary = {"recipes": results,
+               "fused_loops": choose_loops(tf.float32),  # what the fused kernel's loops ran on
                "threads": os.cpu_count(),
                "peak_rss_mb": peak_rss_mb()}
     if args.preprocess_mb > 0:
         summary.update(measure_preprocess(args.preprocess_mb))
-    print(f"precision {args.precision}")
+    print(f"precision {args.precision}, fused kernel loops: {summary['fused_loops']}")
     print(format_table(results))
     if args.preprocess_mb > 0:
         print(f"\npreprocess {summary['preprocess_mb']:.0f} MB: "

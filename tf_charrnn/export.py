@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from tf_charrnn.cli import ArgumentParser, add_debug_flag, add_run_arguments, run_cli
 from tf_charrnn.errors import CharRNNError
+from tf_charrnn.kernels import portable_loops
 from tf_charrnn.sample import CHUNK_LENGTH, SEED_MODULUS, make_chunk_function
 from tf_charrnn.text import HANGUL_ESCAPE
 
@@ -174,9 +175,12 @@ class ExportedGenerator(tf.Module):
 
 def export_model(model, vocab, out, hangul_jamo=False, jit_compile=True):
     """Write the SavedModel of (model, vocab) to the directory out."""
-    module = ExportedGenerator(model, vocab, hangul_jamo, jit_compile)
-    tf.saved_model.save(module, str(out),
-                        signatures={"generate": module.generate_signature.get_concrete_function()})
+    # The graphs are traced here, while saving: keep this package's native ops out of them.
+    with portable_loops():
+        module = ExportedGenerator(model, vocab, hangul_jamo, jit_compile)
+        tf.saved_model.save(
+            module, str(out),
+            signatures={"generate": module.generate_signature.get_concrete_function()})
     return module
 
 

@@ -21,10 +21,17 @@ How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, ti
             over all steps at once; the bias gradient is summed inside the loop.
   Sigmoid gates are 0.5 + 0.5 tanh(z / 2) with the halving folded into the weight columns (an
   exact power-of-two scaling), so one tanh covers every gate of a step.
-  The loops are tf.while_loops compiled with XLA (jit_compile=True) where the TensorFlow build
-  can (`xla_loops_available()`), plain tf.while_loops otherwise; the big GEMMs stay outside XLA,
-  on TensorFlow's own (oneDNN) matmul. An inference call (training=False) skips the per-step
-  factors and recomputes them only if a gradient is asked for after all.
+  The loops, fastest first (`choose_loops`; the big GEMMs stay on TensorFlow's oneDNN matmul):
+    native  C++ ops (native_loops.cc, compiled on first use by native.py): the batch rows split
+            into one block per core, each core running the whole time loop over its rows with
+            an Eigen GEMM per step; float32 loops only; never inside an XLA computation nor in
+            graphs traced under `portable_loops()` (the exported SavedModel must load without
+            this package).
+    xla     tf.while_loops compiled with XLA (jit_compile=True) where the TensorFlow build can
+            (`xla_loops_available()`).
+    plain   tf.while_loops.
+  An inference call (training=False) skips the per-step factors and recomputes them only if a
+  gradient is asked for after all.
   Under a mixed_bfloat16 policy the big GEMMs take bfloat16 operands (oneDNN runs them on AMX or
   AVX-512 BF16 where the CPU has them: 3-5x float32's rate on these shapes here) while the loops,
   the carried state and the gate math stay float32: XLA's CPU dot gains nothing from bfloat16
@@ -62,11 +69,17 @@ on prototypes and dropped, each timed against its rival in the same run:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import keras
 import tensorflow as tf
 from keras import activations, ops
+from tensorflow.python.framework import ops as tf_ops
+from tensorflow.python.ops import control_flow_util
+
+from tf_charrnn import native
 
 _TANH = (activations.tanh, tf.tanh, tf.math.tanh, ops.tanh)
 _SIGMOID = (activations.sigmoid, tf.sigmoid, tf.math.sigmoid, ops.sigmoid)
@@ -285,24 +298,87 @@ def _backward_loop(math, jacs, d_hs, d_final, u_kernel_t):
     return tuple(ta.stack() for ta in arrays), sums, d_states
 
 
+# The same two loops as C++ ops (native_loops.cc, built by native.py): (forward, backward) op
+# wrapper names per cell kind.
+_NATIVE_OPS = {
+    "lstm": ("tf_charrnn_lstm_forward", "tf_charrnn_lstm_backward"),
+    "gru": ("tf_charrnn_gru_forward", "tf_charrnn_gru_backward"),
+    "simple_rnn": ("tf_charrnn_simple_rnn_forward", "tf_charrnn_simple_rnn_backward"),
+}
+
+
+def _native_forward_loop(kind, with_jacobian, xw, states0, consts):
+    """_forward_loop on the native op: same arguments, same results (float32 only)."""
+    forward_op = getattr(native.library(), _NATIVE_OPS[kind][0])
+    u_bias = consts[1] if kind == "gru" else tf.zeros([0], xw.dtype)
+    results = forward_op(xw, consts[0], u_bias, *states0, with_jacobian=with_jacobian)
+    n_states = _MATHS[kind].n_states
+    jacs = tuple(results[1 + n_states:]) if with_jacobian else ()
+    return results[0], tuple(results[1:1 + n_states]), jacs
+
+
+def _native_backward_loop(kind, jacs, d_hs, d_final, u_kernel_t):
+    """_backward_loop on the native op: same arguments, same results (float32 only)."""
+    backward_op = getattr(native.library(), _NATIVE_OPS[kind][1])
+    if d_hs is None:
+        d_hs = tf.zeros([0, 0, 0], u_kernel_t.dtype)  # empty: only the final states were used
+    results = backward_op(*jacs, d_hs, *d_final, u_kernel_t)
+    n_arrays = 2 if _MATHS[kind].separate_recurrent_grad else 1
+    return (tuple(results[:n_arrays]), tuple(results[n_arrays:2 * n_arrays]),
+            tuple(results[2 * n_arrays:]))
+
+
+LOOPS = ("native", "xla", "plain")
+_portable = threading.local()
+
+
+@contextlib.contextmanager
+def portable_loops():
+    """Within it, fused layers trace XLA or plain loops, never the native ops: for graphs that
+    must run without this package (tf_charrnn.export's SavedModel)."""
+    previous = getattr(_portable, "active", False)
+    _portable.active = True
+    try:
+        yield
+    finally:
+        _portable.active = previous
+
+
+def _in_xla_context():
+    """True while tracing inside a jit_compile function: XLA cannot compile the native ops."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf_ops.get_default_graph())
+
+
+def choose_loops(loop_dtype):
+    """The fastest loops that can run here for this loop dtype: "native", "xla" or "plain"."""
+    if (loop_dtype == tf.float32 and not getattr(_portable, "active", False)
+            and not _in_xla_context() and native.library() is not None):
+        return "native"
+    return "xla" if xla_loops_available() else "plain"
+
+
 @functools.lru_cache(maxsize=None)
-def _loops(kind, compiled):
+def _loops(kind, loops):
     """(forward storing the Jacobian factors, forward without them, backward) for one cell."""
+    if loops == "native":
+        return (functools.partial(_native_forward_loop, kind, True),
+                functools.partial(_native_forward_loop, kind, False),
+                functools.partial(_native_backward_loop, kind))
     math = _MATHS[kind]
-    loops = (
+    functions = (
         functools.partial(_forward_loop, math, True),
         functools.partial(_forward_loop, math, False),
         functools.partial(_backward_loop, math),
     )
-    if compiled:
-        loops = tuple(tf.function(f, jit_compile=True, autograph=False) for f in loops)
-    return loops
+    if loops == "xla":
+        functions = tuple(tf.function(f, jit_compile=True, autograph=False) for f in functions)
+    return functions
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_function(kind, compiled, return_sequences, training):
+def _fused_function(kind, loops, return_sequences, training):
     math = _MATHS[kind]
-    forward_with_jacobian, forward_only, backward_loop = _loops(kind, compiled)
+    forward_with_jacobian, forward_only, backward_loop = _loops(kind, loops)
 
     @tf.custom_gradient
     def fused(x_tm, kernel, recurrent_kernel, bias, *states0):
@@ -372,7 +448,7 @@ def _fused_function(kind, compiled, return_sequences, training):
 
 
 def fused_rnn(kind, inputs, initial_states, kernel, recurrent_kernel, bias,
-              return_sequences=True, training=True, compiled=None):
+              return_sequences=True, training=True, loops=None):
     """Run one fused recurrence, differentiable with respect to every tensor argument.
 
     kind: "lstm", "gru" (reset_after=True) or "simple_rnn"; inputs [B, T, D]; initial_states a
@@ -380,11 +456,17 @@ def fused_rnn(kind, inputs, initial_states, kernel, recurrent_kernel, bias,
     (outputs [B, T, H] or None when return_sequences is False, [final states [B, H]]).
     training: True stores the backward pass's per-step factors during the forward pass; False
         runs a lighter forward pass and recomputes them only if a gradient is asked for.
-    compiled: compile the loops with XLA; None -> xla_loops_available().
+    loops: "native" (C++ ops, float32 loops only), "xla" (tf.while_loops compiled with XLA),
+        "plain" (tf.while_loops); None -> choose_loops(), the fastest available.
     """
-    if compiled is None:
-        compiled = xla_loops_available()
-    fused = _fused_function(kind, bool(compiled), bool(return_sequences), bool(training))
+    loop_dtype = LOOP_DTYPES[tf.as_dtype(inputs.dtype)]
+    if loops is None:
+        loops = choose_loops(loop_dtype)
+    if loops not in LOOPS:
+        raise ValueError(f"loops must be one of {LOOPS} or None, not {loops!r}")
+    if loops == "native" and (loop_dtype != tf.float32 or native.library() is None):
+        raise ValueError("the native loops need float32 loops and a built native library")
+    fused = _fused_function(kind, loops, bool(return_sequences), bool(training))
     x_tm = tf.transpose(inputs, [1, 0, 2])  # [T, B, D]
     weights = [tf.convert_to_tensor(w) for w in (kernel, recurrent_kernel, bias)]
     results = fused(x_tm, *weights, *[tf.convert_to_tensor(s) for s in initial_states])
@@ -408,8 +490,8 @@ class _FusedInnerLoop:
     """Mixin that routes Keras's RNN.inner_loop through fused_rnn when the layer allows it."""
 
     _fused_kind = None
-    # None: compile the loops with XLA where available; False: plain tf.while_loops (benchmarks).
-    _fused_compiled = None
+    # None: the fastest loops available (choose_loops); or one of LOOPS (tests, benchmarks).
+    _fused_loops = None
 
     def _fused_supported(self, sequences, mask, training):
         """training: a Python bool here (inner_loop resolves symbolic flags to True)."""
@@ -448,7 +530,7 @@ class _FusedInnerLoop:
             self._fused_kind, sequences, list(initial_state),
             cell.kernel, cell.recurrent_kernel, cell.bias,
             return_sequences=self.return_sequences, training=is_training,
-            compiled=self._fused_compiled,
+            loops=self._fused_loops,
         )
         last_output = states[0]
         if outputs is None:

@@ -1,0 +1,603 @@
+// The time loops of the fused LSTM, GRU and SimpleRNN kernels (tf_charrnn/kernels.py) as
+// TensorFlow CPU ops. tf_charrnn/native.py compiles this file on first use and loads it.
+//
+// Each op is one loop of kernels.py's _forward_loop or _backward_loop for one cell kind, with the
+// same inputs, outputs and arithmetic (the sigmoid gates arrive pre-halved: sigmoid(x) =
+// 0.5 + 0.5 tanh(x / 2), the halving folded into the weights). Shapes: T steps, B batch rows,
+// H units, G gate width (4H LSTM, 3H GRU, H SimpleRNN); time-major, row-major, float32.
+//
+// Batch rows never interact in a recurrence, so the rows are split into one block per thread
+// and each thread runs the whole time loop over its block: no synchronisation between steps.
+// Per step a block does one small GEMM (Eigen, in this thread) and the gate math on data that
+// stays in cache.
+
+#include <algorithm>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace tf_charrnn {
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::shape_inference::DimensionHandle;
+using tensorflow::shape_inference::InferenceContext;
+using tensorflow::shape_inference::ShapeHandle;
+
+using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Array = Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using RowVector = Eigen::Matrix<float, 1, Eigen::Dynamic>;
+using MatrixMap = Eigen::Map<Matrix>;
+using ConstMatrixMap = Eigen::Map<const Matrix>;
+using RowVectorMap = Eigen::Map<const RowVector>;
+
+// Rows [row, row + rows) of step t of a [T, B, width] tensor (or of a [B, width] one, t = 0).
+struct Rows {
+  float* data = nullptr;
+  int64_t batch = 0, width = 0;
+
+  Rows() = default;
+  Rows(Tensor* tensor, int64_t batch, int64_t width)
+      : data(tensor->NumElements() ? tensor->flat<float>().data() : nullptr),
+        batch(batch), width(width) {}
+  Rows(const Tensor& tensor, int64_t batch, int64_t width)
+      : Rows(const_cast<Tensor*>(&tensor), batch, width) {}
+
+  bool present() const { return data != nullptr; }
+  MatrixMap at(int64_t t, int64_t row, int64_t rows) const {
+    return MatrixMap(data + (t * batch + row) * width, rows, width);
+  }
+};
+
+// What one thread owns: a block of batch rows, and its row of the per-block bias sums.
+struct Block {
+  int64_t row, rows;
+  int index;
+};
+
+// Runs fn(Block) for blocks of rows covering [0, batch), one per worker thread at most.
+template <typename Fn>
+int RunOverRowBlocks(OpKernelContext* context, int64_t batch, Fn fn, bool count_only = false) {
+  auto* workers = context->device()->tensorflow_cpu_worker_threads();
+  // At least 8 rows a block: below that the per-step GEMM is too small to pay for a thread.
+  const int64_t most = std::max<int64_t>(1, batch / 8);
+  const int blocks = static_cast<int>(std::min<int64_t>(workers->num_threads, most));
+  if (count_only) return blocks;
+  auto run = [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t row = batch * b / blocks, end = batch * (b + 1) / blocks;
+      fn(Block{row, end - row, static_cast<int>(b)});
+    }
+  };
+  // A cost far above the sharder's threshold: every block becomes its own shard.
+  tensorflow::Shard(blocks, workers->workers, blocks, int64_t{1} << 40, run);
+  return blocks;
+}
+
+int CountRowBlocks(OpKernelContext* context, int64_t batch) {
+  return RunOverRowBlocks(context, batch, [](const Block&) {}, true);
+}
+
+// Allocates output `index`; on failure records the error in the context and returns nullptr.
+Tensor* Output(OpKernelContext* context, int index, TensorShape shape) {
+  Tensor* out = nullptr;
+  const auto status = context->allocate_output(index, shape, &out);
+  if (!status.ok()) {
+    context->SetStatus(status);
+    return nullptr;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// LSTM (Keras gate order i, f, g, o). Forward inputs: xw [T,B,G] (x W + b, sigmoid columns
+// halved), u [H,G] (same halving), u_bias (unused, empty), h0, c0 [B,H]. Per-step factors for the
+// backward pass: j [T,B,G], k [T,B,H], f [T,B,H], with dZ = [dc, dc, dc, dh] * j and
+// dc = dc_next + dh * k.
+
+void LstmForwardBlock(const Rows& xw, const ConstMatrixMap& u, const Rows& h0, const Rows& c0,
+                      const Rows& hs, const Rows& h_out, const Rows& c_out, const Rows& j,
+                      const Rows& k, const Rows& f_out, int64_t steps, int64_t units,
+                      const Block& block) {
+  const int64_t n = block.rows, h = units;
+  Matrix z(n, 4 * h);
+  Matrix c = c0.at(0, block.row, n);
+  for (int64_t t = 0; t < steps; ++t) {
+    MatrixMap h_new = hs.at(t, block.row, n);
+    if (t == 0) {
+      z.noalias() = h0.at(0, block.row, n) * u;
+    } else {
+      z.noalias() = hs.at(t - 1, block.row, n) * u;
+    }
+    z += xw.at(t, block.row, n);
+    z = z.array().tanh().matrix();
+    const auto ti = z.leftCols(h).array(), tf = z.middleCols(h, h).array();
+    const auto tg = z.middleCols(2 * h, h).array(), to = z.rightCols(h).array();
+    const Array i = 0.5f * ti + 0.5f, f = 0.5f * tf + 0.5f, o = 0.5f * to + 0.5f;
+    if (j.present()) {
+      MatrixMap j_t = j.at(t, block.row, n);
+      j_t.middleCols(h, h).array() = c.array() * (0.5f - 0.5f * tf.square());  // old c
+    }
+    c.array() = f * c.array() + i * tg;
+    const Array tc = c.array().tanh();
+    h_new.array() = o * tc;
+    if (j.present()) {
+      MatrixMap j_t = j.at(t, block.row, n);
+      j_t.leftCols(h).array() = tg * (0.5f - 0.5f * ti.square());
+      j_t.middleCols(2 * h, h).array() = i * (1.0f - tg.square());
+      j_t.rightCols(h).array() = tc * (0.5f - 0.5f * to.square());
+      k.at(t, block.row, n).array() = o * (1.0f - tc.square());
+      f_out.at(t, block.row, n).array() = f;
+    }
+  }
+  h_out.at(0, block.row, n) = steps ? Matrix(hs.at(steps - 1, block.row, n))
+                                    : Matrix(h0.at(0, block.row, n));
+  c_out.at(0, block.row, n) = c;
+}
+
+void LstmBackwardBlock(const Rows& j, const Rows& k, const Rows& f, const Rows& d_hs,
+                       const Rows& dh_final, const Rows& dc_final, const ConstMatrixMap& u_t,
+                       const Rows& dz, float* sums, const Rows& dh0, const Rows& dc0,
+                       int64_t steps, int64_t units, const Block& block) {
+  const int64_t n = block.rows, h = units;
+  Matrix dh = dh_final.at(0, block.row, n), dc = dc_final.at(0, block.row, n);
+  Eigen::Map<RowVector> sum(sums, 4 * h);
+  sum.setZero();
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    if (d_hs.present()) dh += d_hs.at(t, block.row, n);
+    dc.array() += dh.array() * k.at(t, block.row, n).array();
+    MatrixMap dz_t = dz.at(t, block.row, n);
+    const MatrixMap j_t = j.at(t, block.row, n);
+    for (int gate = 0; gate < 3; ++gate) {
+      dz_t.middleCols(gate * h, h).array() = dc.array() * j_t.middleCols(gate * h, h).array();
+    }
+    dz_t.rightCols(h).array() = dh.array() * j_t.rightCols(h).array();
+    sum += dz_t.colwise().sum();
+    dh.noalias() = dz_t * u_t;
+    dc.array() *= f.at(t, block.row, n).array();
+  }
+  dh0.at(0, block.row, n) = dh;
+  dc0.at(0, block.row, n) = dc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU, reset_after=True (Keras gate order z, r, h). Forward inputs: xw [T,B,G] (z, r columns
+// halved), u [H,G], u_bias [G] (the recurrent bias, same halving), h0 [B,H]. Factors: j_in,
+// j_rec [T,B,G] and z [T,B,H]: dZ_in = [dh, dh, dh] * j_in, dZ_rec = [dh, dh, dh] * j_rec,
+// dh_prev = dh * z + dZ_rec U^T.
+
+void GruForwardBlock(const Rows& xw, const ConstMatrixMap& u, const RowVectorMap& u_bias,
+                     const Rows& h0, const Rows& hs, const Rows& h_out, const Rows& j_in,
+                     const Rows& j_rec, const Rows& z_out, int64_t steps, int64_t units,
+                     const Block& block) {
+  const int64_t n = block.rows, h = units;
+  Matrix hu(n, 3 * h);
+  for (int64_t t = 0; t < steps; ++t) {
+    const MatrixMap h_prev = t ? hs.at(t - 1, block.row, n) : h0.at(0, block.row, n);
+    hu.noalias() = h_prev * u;
+    hu.rowwise() += u_bias;
+    const MatrixMap xw_t = xw.at(t, block.row, n);
+    const Array t_zr = (xw_t.leftCols(2 * h) + hu.leftCols(2 * h)).array().tanh();
+    const auto tz = t_zr.leftCols(h), tr = t_zr.rightCols(h);
+    const Array z = 0.5f * tz + 0.5f, r = 0.5f * tr + 0.5f;
+    const auto hu_h = hu.rightCols(h).array();
+    const Array hh = (xw_t.rightCols(h).array() + r * hu_h).tanh();
+    const Array h_minus = h_prev.array() - hh;
+    hs.at(t, block.row, n).array() = hh + z * h_minus;
+    if (j_in.present()) {
+      const Array k_h = (1.0f - z) * (1.0f - hh.square());
+      const Array k_r = k_h * hu_h * (0.5f - 0.5f * tr.square());
+      const Array k_z = h_minus * (0.5f - 0.5f * tz.square());
+      MatrixMap in_t = j_in.at(t, block.row, n), rec_t = j_rec.at(t, block.row, n);
+      in_t.leftCols(h).array() = k_z;
+      in_t.middleCols(h, h).array() = k_r;
+      in_t.rightCols(h).array() = k_h;
+      rec_t.leftCols(h).array() = k_z;
+      rec_t.middleCols(h, h).array() = k_r;
+      rec_t.rightCols(h).array() = k_h * r;
+      z_out.at(t, block.row, n).array() = z;
+    }
+  }
+  h_out.at(0, block.row, n) = steps ? Matrix(hs.at(steps - 1, block.row, n))
+                                    : Matrix(h0.at(0, block.row, n));
+}
+
+void GruBackwardBlock(const Rows& j_in, const Rows& j_rec, const Rows& z, const Rows& d_hs,
+                      const Rows& dh_final, const ConstMatrixMap& u_t, const Rows& dz_in,
+                      const Rows& dz_rec, float* sums_in, float* sums_rec, const Rows& dh0,
+                      int64_t steps, int64_t units, const Block& block) {
+  const int64_t n = block.rows, h = units;
+  Matrix dh = dh_final.at(0, block.row, n);
+  Eigen::Map<RowVector> sum_in(sums_in, 3 * h), sum_rec(sums_rec, 3 * h);
+  sum_in.setZero();
+  sum_rec.setZero();
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    if (d_hs.present()) dh += d_hs.at(t, block.row, n);
+    MatrixMap in_t = dz_in.at(t, block.row, n), rec_t = dz_rec.at(t, block.row, n);
+    const MatrixMap j_in_t = j_in.at(t, block.row, n), j_rec_t = j_rec.at(t, block.row, n);
+    for (int gate = 0; gate < 3; ++gate) {
+      in_t.middleCols(gate * h, h).array() =
+          dh.array() * j_in_t.middleCols(gate * h, h).array();
+      rec_t.middleCols(gate * h, h).array() =
+          dh.array() * j_rec_t.middleCols(gate * h, h).array();
+    }
+    sum_in += in_t.colwise().sum();
+    sum_rec += rec_t.colwise().sum();
+    dh.array() *= z.at(t, block.row, n).array();
+    dh.noalias() += rec_t * u_t;
+  }
+  dh0.at(0, block.row, n) = dh;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SimpleRNN (tanh). Forward inputs: xw [T,B,H], u [H,H], u_bias (unused, empty), h0 [B,H].
+// Factor: j = 1 - h^2 [T,B,H].
+
+void SimpleForwardBlock(const Rows& xw, const ConstMatrixMap& u, const Rows& h0, const Rows& hs,
+                        const Rows& h_out, const Rows& j, int64_t steps, const Block& block) {
+  const int64_t n = block.rows;
+  for (int64_t t = 0; t < steps; ++t) {
+    MatrixMap h_new = hs.at(t, block.row, n);
+    if (t == 0) {
+      h_new.noalias() = h0.at(0, block.row, n) * u;
+    } else {
+      h_new.noalias() = hs.at(t - 1, block.row, n) * u;
+    }
+    h_new += xw.at(t, block.row, n);
+    h_new = h_new.array().tanh().matrix();
+    if (j.present()) j.at(t, block.row, n).array() = 1.0f - h_new.array().square();
+  }
+  h_out.at(0, block.row, n) = steps ? Matrix(hs.at(steps - 1, block.row, n))
+                                    : Matrix(h0.at(0, block.row, n));
+}
+
+void SimpleBackwardBlock(const Rows& j, const Rows& d_hs, const Rows& dh_final,
+                         const ConstMatrixMap& u_t, const Rows& dz, float* sums, const Rows& dh0,
+                         int64_t steps, int64_t units, const Block& block) {
+  const int64_t n = block.rows;
+  Matrix dh = dh_final.at(0, block.row, n);
+  Eigen::Map<RowVector> sum(sums, units);
+  sum.setZero();
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    if (d_hs.present()) dh += d_hs.at(t, block.row, n);
+    MatrixMap dz_t = dz.at(t, block.row, n);
+    dz_t.array() = dh.array() * j.at(t, block.row, n).array();
+    sum += dz_t.colwise().sum();
+    dh.noalias() = dz_t * u_t;
+  }
+  dh0.at(0, block.row, n) = dh;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops. Forward: (xw, u, u_bias, states0...) -> (hs, final states..., factors...); factors are
+// empty [0, 0, 0] tensors when with_jacobian is false. Backward: (factors..., d_hs, d_final...,
+// u_t) -> (dZ arrays..., their column sums..., d_states0...); d_hs may be empty (only the final
+// states were used).
+
+struct Kind {
+  int states;          // carried states (h, c)
+  int arrays;          // dZ arrays the backward pass writes (GRU: input and recurrent)
+  std::vector<int> factor_widths;  // per factor: 0 -> G wide, 1 -> H wide
+};
+
+const Kind kLstm{2, 1, {0, 1, 1}};
+const Kind kGru{1, 2, {0, 0, 1}};
+const Kind kSimple{1, 1, {1}};
+
+tensorflow::Status ForwardShape(InferenceContext* c, const Kind& kind) {
+  ShapeHandle xw, u;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &xw));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &u));
+  bool with_jacobian = false;
+  TF_RETURN_IF_ERROR(c->GetAttr("with_jacobian", &with_jacobian));
+  DimensionHandle steps = c->Dim(xw, 0), batch = c->Dim(xw, 1), gates = c->Dim(xw, 2);
+  DimensionHandle units = c->Dim(u, 0);
+  c->set_output(0, c->MakeShape({steps, batch, units}));
+  for (int s = 0; s < kind.states; ++s) c->set_output(1 + s, c->MakeShape({batch, units}));
+  for (size_t f = 0; f < kind.factor_widths.size(); ++f) {
+    c->set_output(1 + kind.states + f,
+                  with_jacobian ? c->MakeShape({steps, batch,
+                                                kind.factor_widths[f] ? units : gates})
+                                : c->MakeShape({0, 0, 0}));
+  }
+  return tensorflow::OkStatus();
+}
+
+tensorflow::Status BackwardShape(InferenceContext* c, const Kind& kind) {
+  ShapeHandle j, u_t;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &j));
+  const int factors = static_cast<int>(kind.factor_widths.size());
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(factors + 1 + kind.states), 2, &u_t));
+  DimensionHandle steps = c->Dim(j, 0), batch = c->Dim(j, 1);
+  DimensionHandle gates = c->Dim(u_t, 0), units = c->Dim(u_t, 1);
+  for (int a = 0; a < kind.arrays; ++a) {
+    c->set_output(a, c->MakeShape({steps, batch, gates}));
+    c->set_output(kind.arrays + a, c->MakeShape({gates}));
+  }
+  for (int s = 0; s < kind.states; ++s) {
+    c->set_output(2 * kind.arrays + s, c->MakeShape({batch, units}));
+  }
+  return tensorflow::OkStatus();
+}
+
+REGISTER_OP("TfCharrnnLstmForward")
+    .Attr("with_jacobian: bool")
+    .Input("xw: float").Input("u: float").Input("u_bias: float")
+    .Input("h0: float").Input("c0: float")
+    .Output("hs: float").Output("h: float").Output("c: float")
+    .Output("j: float").Output("k: float").Output("f: float")
+    .SetShapeFn([](InferenceContext* c) { return ForwardShape(c, kLstm); });
+
+REGISTER_OP("TfCharrnnLstmBackward")
+    .Input("j: float").Input("k: float").Input("f: float").Input("d_hs: float")
+    .Input("dh: float").Input("dc: float").Input("u_t: float")
+    .Output("dz: float").Output("sums: float").Output("dh0: float").Output("dc0: float")
+    .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, kLstm); });
+
+REGISTER_OP("TfCharrnnGruForward")
+    .Attr("with_jacobian: bool")
+    .Input("xw: float").Input("u: float").Input("u_bias: float").Input("h0: float")
+    .Output("hs: float").Output("h: float")
+    .Output("j_in: float").Output("j_rec: float").Output("z: float")
+    .SetShapeFn([](InferenceContext* c) { return ForwardShape(c, kGru); });
+
+REGISTER_OP("TfCharrnnGruBackward")
+    .Input("j_in: float").Input("j_rec: float").Input("z: float").Input("d_hs: float")
+    .Input("dh: float").Input("u_t: float")
+    .Output("dz_in: float").Output("dz_rec: float")
+    .Output("sums_in: float").Output("sums_rec: float").Output("dh0: float")
+    .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, kGru); });
+
+REGISTER_OP("TfCharrnnSimpleRnnForward")
+    .Attr("with_jacobian: bool")
+    .Input("xw: float").Input("u: float").Input("u_bias: float").Input("h0: float")
+    .Output("hs: float").Output("h: float").Output("j: float")
+    .SetShapeFn([](InferenceContext* c) { return ForwardShape(c, kSimple); });
+
+REGISTER_OP("TfCharrnnSimpleRnnBackward")
+    .Input("j: float").Input("d_hs: float").Input("dh: float").Input("u_t: float")
+    .Output("dz: float").Output("sums: float").Output("dh0: float")
+    .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, kSimple); });
+
+// What one call of an op works on. Kept out of the OpKernel: Compute may run on several threads
+// at once.
+struct Call {
+  int64_t steps = 0, batch = 0, units = 0, gates = 0;
+  std::vector<Rows> states;   // forward: initial states; backward: final-state gradients
+  std::vector<Rows> outputs;  // forward: hs, final states, factors; backward: dZ arrays, dstates0
+  std::vector<Rows> factors;  // backward: the per-step factors
+  Rows d_hs;                  // backward
+  const float* u_bias = nullptr;
+};
+
+// Checks the shapes every op shares and allocates the outputs; the kinds differ only in what
+// runs per block.
+class ForwardOp : public OpKernel {
+ public:
+  ForwardOp(OpKernelConstruction* context, const Kind& kind) : OpKernel(context), kind_(kind) {
+    OP_REQUIRES_OK(context, context->GetAttr("with_jacobian", &with_jacobian_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& xw = context->input(0);
+    const Tensor& u = context->input(1);
+    OP_REQUIRES(context, xw.dims() == 3 && u.dims() == 2 && u.dim_size(1) == xw.dim_size(2),
+                tensorflow::errors::InvalidArgument("xw must be [T, B, G] and u [H, G]"));
+    Call call;
+    call.steps = xw.dim_size(0);
+    call.batch = xw.dim_size(1);
+    call.units = u.dim_size(0);
+    call.gates = u.dim_size(1);
+    const int64_t steps = call.steps, batch = call.batch, units = call.units;
+    const Tensor& u_bias = context->input(2);
+    OP_REQUIRES(context, u_bias.NumElements() == 0 || u_bias.NumElements() == call.gates,
+                tensorflow::errors::InvalidArgument("u_bias must be [G] or empty"));
+    call.u_bias = u_bias.NumElements() ? u_bias.flat<float>().data() : nullptr;
+    for (int s = 0; s < kind_.states; ++s) {
+      const Tensor& state = context->input(3 + s);
+      OP_REQUIRES(context, state.shape() == TensorShape({batch, units}),
+                  tensorflow::errors::InvalidArgument("initial states must be [B, H]"));
+      call.states.emplace_back(state, batch, units);
+    }
+    Tensor* hs = Output(context, 0, TensorShape({steps, batch, units}));
+    if (!context->status().ok()) return;
+    call.outputs.emplace_back(hs, batch, units);
+    for (int s = 0; s < kind_.states; ++s) {
+      Tensor* state = Output(context, 1 + s, TensorShape({batch, units}));
+      if (!context->status().ok()) return;
+      call.outputs.emplace_back(state, batch, units);
+    }
+    for (size_t f = 0; f < kind_.factor_widths.size(); ++f) {
+      const int64_t width = kind_.factor_widths[f] ? units : call.gates;
+      Tensor* factor = Output(context, 1 + kind_.states + static_cast<int>(f),
+                              with_jacobian_ ? TensorShape({steps, batch, width})
+                                             : TensorShape({0, 0, 0}));
+      if (!context->status().ok()) return;
+      call.outputs.emplace_back(factor, batch, width);
+    }
+    const ConstMatrixMap u_map(u.flat<float>().data(), units, call.gates);
+    const Rows xw_rows(xw, batch, call.gates);
+    RunOverRowBlocks(context, batch, [&](const Block& block) {
+      RunBlock(call, xw_rows, u_map, block);
+    });
+  }
+
+ protected:
+  virtual void RunBlock(const Call& call, const Rows& xw, const ConstMatrixMap& u,
+                        const Block& block) const = 0;
+
+  const Kind& kind_;
+  bool with_jacobian_ = false;
+};
+
+class LstmForwardOp : public ForwardOp {
+ public:
+  explicit LstmForwardOp(OpKernelConstruction* context) : ForwardOp(context, kLstm) {}
+
+ protected:
+  void RunBlock(const Call& call, const Rows& xw, const ConstMatrixMap& u,
+                const Block& block) const override {
+    const auto& o = call.outputs;
+    LstmForwardBlock(xw, u, call.states[0], call.states[1], o[0], o[1], o[2], o[3], o[4], o[5],
+                     call.steps, call.units, block);
+  }
+};
+
+class GruForwardOp : public ForwardOp {
+ public:
+  explicit GruForwardOp(OpKernelConstruction* context) : ForwardOp(context, kGru) {}
+
+ protected:
+  void RunBlock(const Call& call, const Rows& xw, const ConstMatrixMap& u,
+                const Block& block) const override {
+    const auto& o = call.outputs;
+    const RowVectorMap u_bias(call.u_bias, call.gates);
+    GruForwardBlock(xw, u, u_bias, call.states[0], o[0], o[1], o[2], o[3], o[4], call.steps,
+                    call.units, block);
+  }
+};
+
+class SimpleForwardOp : public ForwardOp {
+ public:
+  explicit SimpleForwardOp(OpKernelConstruction* context) : ForwardOp(context, kSimple) {}
+
+ protected:
+  void RunBlock(const Call& call, const Rows& xw, const ConstMatrixMap& u,
+                const Block& block) const override {
+    const auto& o = call.outputs;
+    SimpleForwardBlock(xw, u, call.states[0], o[0], o[1], o[2], call.steps, block);
+  }
+};
+
+class BackwardOp : public OpKernel {
+ public:
+  BackwardOp(OpKernelConstruction* context, const Kind& kind) : OpKernel(context), kind_(kind) {}
+
+  void Compute(OpKernelContext* context) override {
+    const int factors = static_cast<int>(kind_.factor_widths.size());
+    const Tensor& first = context->input(0);
+    const Tensor& u_t = context->input(factors + 1 + kind_.states);
+    OP_REQUIRES(context, first.dims() == 3 && u_t.dims() == 2,
+                tensorflow::errors::InvalidArgument("factors must be [T, B, G] and u_t [G, H]"));
+    Call call;
+    call.steps = first.dim_size(0);
+    call.batch = first.dim_size(1);
+    call.gates = u_t.dim_size(0);
+    call.units = u_t.dim_size(1);
+    const int64_t steps = call.steps, batch = call.batch, units = call.units;
+    const int64_t gates = call.gates;
+    for (int f = 0; f < factors; ++f) {
+      const int64_t width = kind_.factor_widths[f] ? units : gates;
+      const Tensor& factor = context->input(f);
+      OP_REQUIRES(context, factor.shape() == TensorShape({steps, batch, width}),
+                  tensorflow::errors::InvalidArgument("per-step factors disagree in shape"));
+      call.factors.emplace_back(factor, batch, width);
+    }
+    const Tensor& d_hs = context->input(factors);
+    OP_REQUIRES(context, d_hs.NumElements() == 0 ||
+                             d_hs.shape() == TensorShape({steps, batch, units}),
+                tensorflow::errors::InvalidArgument("d_hs must be [T, B, H] or empty"));
+    call.d_hs = Rows(d_hs, batch, units);
+    for (int s = 0; s < kind_.states; ++s) {
+      const Tensor& d = context->input(factors + 1 + s);
+      OP_REQUIRES(context, d.shape() == TensorShape({batch, units}),
+                  tensorflow::errors::InvalidArgument("final-state gradients must be [B, H]"));
+      call.states.emplace_back(d, batch, units);
+    }
+    for (int a = 0; a < kind_.arrays; ++a) {
+      Tensor* array = Output(context, a, TensorShape({steps, batch, gates}));
+      if (!context->status().ok()) return;
+      call.outputs.emplace_back(array, batch, gates);
+    }
+    for (int s = 0; s < kind_.states; ++s) {
+      Tensor* d = Output(context, 2 * kind_.arrays + s, TensorShape({batch, units}));
+      if (!context->status().ok()) return;
+      call.outputs.emplace_back(d, batch, units);
+    }
+    // Each block sums its own rows into its own slice; the slices are added up after.
+    const int blocks = CountRowBlocks(context, batch);
+    std::vector<float> partial(static_cast<size_t>(blocks) * kind_.arrays * gates, 0.0f);
+    auto slice = [&](int block, int array) {
+      return partial.data() + (static_cast<size_t>(block) * kind_.arrays + array) * gates;
+    };
+    const ConstMatrixMap u_t_map(u_t.flat<float>().data(), gates, units);
+    RunOverRowBlocks(context, batch, [&](const Block& block) {
+      std::vector<float*> sums;
+      for (int a = 0; a < kind_.arrays; ++a) sums.push_back(slice(block.index, a));
+      RunBlock(call, u_t_map, sums, block);
+    });
+    for (int a = 0; a < kind_.arrays; ++a) {
+      Tensor* sums = Output(context, kind_.arrays + a, TensorShape({gates}));
+      if (!context->status().ok()) return;
+      Eigen::Map<RowVector> total(sums->flat<float>().data(), gates);
+      total.setZero();
+      for (int b = 0; b < blocks; ++b) total += Eigen::Map<RowVector>(slice(b, a), gates);
+    }
+  }
+
+ protected:
+  // call.outputs: the dZ arrays, then the initial-state gradients.
+  virtual void RunBlock(const Call& call, const ConstMatrixMap& u_t,
+                        const std::vector<float*>& sums, const Block& block) const = 0;
+
+  const Kind& kind_;
+};
+
+class LstmBackwardOp : public BackwardOp {
+ public:
+  explicit LstmBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kLstm) {}
+
+ protected:
+  void RunBlock(const Call& call, const ConstMatrixMap& u_t, const std::vector<float*>& sums,
+                const Block& block) const override {
+    const auto& f = call.factors;
+    const auto& o = call.outputs;
+    LstmBackwardBlock(f[0], f[1], f[2], call.d_hs, call.states[0], call.states[1], u_t, o[0],
+                      sums[0], o[1], o[2], call.steps, call.units, block);
+  }
+};
+
+class GruBackwardOp : public BackwardOp {
+ public:
+  explicit GruBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kGru) {}
+
+ protected:
+  void RunBlock(const Call& call, const ConstMatrixMap& u_t, const std::vector<float*>& sums,
+                const Block& block) const override {
+    const auto& f = call.factors;
+    const auto& o = call.outputs;
+    GruBackwardBlock(f[0], f[1], f[2], call.d_hs, call.states[0], u_t, o[0], o[1], sums[0],
+                     sums[1], o[2], call.steps, call.units, block);
+  }
+};
+
+class SimpleBackwardOp : public BackwardOp {
+ public:
+  explicit SimpleBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kSimple) {}
+
+ protected:
+  void RunBlock(const Call& call, const ConstMatrixMap& u_t, const std::vector<float*>& sums,
+                const Block& block) const override {
+    const auto& o = call.outputs;
+    SimpleBackwardBlock(call.factors[0], call.d_hs, call.states[0], u_t, o[0], sums[0], o[1],
+                        call.steps, call.units, block);
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnLstmForward").Device(DEVICE_CPU), LstmForwardOp);
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnLstmBackward").Device(DEVICE_CPU), LstmBackwardOp);
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnGruForward").Device(DEVICE_CPU), GruForwardOp);
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnGruBackward").Device(DEVICE_CPU), GruBackwardOp);
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnSimpleRnnForward").Device(DEVICE_CPU), SimpleForwardOp);
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnSimpleRnnBackward").Device(DEVICE_CPU), SimpleBackwardOp);
+
+}  // namespace tf_charrnn
