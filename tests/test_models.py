@@ -375,6 +375,14 @@ def test_summary_line_names_cell_sizes_and_parameter_count():
     assert f"{count:,} parameters" in line
 
 
+def test_summary_line_says_which_loops_the_fused_kernel_runs():
+    from tf_charrnn.kernels import choose_loops
+
+    model = build_model(ModelConfig(cell="lstm", num_layers=1, hidden_size=8, embedding_size=4,
+                                    kernel="fused"), 7)
+    assert f"fused ({choose_loops(tf.float32)} loops) kernel" in model.summary_line()
+
+
 @pytest.mark.parametrize("model_values, message", [
     ({"cell": "transformer"}, "model.cell must be one of rnn, lstm, gru"),
     ({"hidden_size": 0}, "model.hidden_size must be positive"),

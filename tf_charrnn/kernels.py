@@ -37,24 +37,31 @@ How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, ti
   the carried state and the gate math stay float32: XLA's CPU dot gains nothing from bfloat16
   (benchmarks/matmul_dtypes.py), and a prototype LSTM step loop in bfloat16 ran at 0.5x float32.
 
-Measured (benchmarks/kernels_micro.py: 2 stacked layers, forward + backward w.r.t. inputs,
-initial states and weights, float32, one tf.function step, 9 interleaved rounds, median of the
+Measured (benchmarks/kernels_micro.py --xla: 2 stacked layers, forward + backward w.r.t. inputs,
+initial states and weights, float32, one tf.function step, 5 interleaved rounds, median of the
 per-round ratios; TF 2.21 on 2 shared cores of a Xeon with AVX-512, so about +-15%):
 
-    x stock Keras layer     lecture (B=50 T=50 D=128 H=128)   medium (B=64 T=100 D=64 H=256)
-    FusedLSTM               1.40                              1.22
-    FusedGRU                1.77                              1.21
-    FusedSimpleRNN          2.07                              1.64
-    same, plain loops       1.16 / 1.28 / 1.70                1.05 / 1.01 / 1.36
-    stock Keras under XLA   0.61 / 0.78 / 0.42                0.47 / 0.51 / 0.29
+    x stock Keras layer        lecture (B=50 T=50 D=128 H=128)   medium (B=64 T=100 D=64 H=256)
+    FusedLSTM, native loops    1.58                              1.69
+    FusedLSTM, XLA loops       1.06                              1.22
+    FusedGRU, native loops     2.09                              1.88
+    FusedGRU, XLA loops        1.35                              1.19
+
+The loops on their own at lecture size (one layer, 50 steps): LSTM forward with its factors
+2.4 ms, backward 2.8 ms, about 120-140 GFLOP/s on h @ U; the XLA loops ran it at about 65.
+Earlier runs of the same benchmark (XLA loops only) also gave: FusedSimpleRNN 2.07x / 1.64x,
+plain tf.while_loops 1.16-1.70x, stock Keras under XLA 0.29-0.78x.
 
 Whole train step (tf_charrnn.bench's train call, Adam included), mixed_bfloat16 over float32 with
 the fused kernel, same run, on a Xeon with AMX: lecture 1.09x, medium 1.16x, large 1.24x (3x512),
 GRU 1.10x.
 
-The fused LSTM reaches about 73 GFLOP/s at lecture size against about 140 for one big matmul on
-this machine; what is left is the per-step gate math, which is memory-bound here. Variants tried
-on prototypes and dropped, each timed against its rival in the same run:
+With the XLA loops the fused LSTM reached about 73 GFLOP/s at lecture size, XLA's CPU dot on the
+per-step [50, 128] x [128, 512] product being the bottleneck. The native LSTM loop costs about
+40 us a step for a block of 25 rows (44 with the factors written) where a bare Eigen loop of
+the same GEMM and gates, on data that stays in cache, takes 29-33 us; -ffast-math did not close
+that gap, and where the rest goes is not pinned down. Variants tried on prototypes and dropped,
+each timed against its rival in the same run:
   - Python-unrolled loops of TensorFlow ops (static T, per-step tensors kept, no stacking): no
     faster than Keras at lecture size (0.98-1.10x).
   - the whole recurrence in one XLA computation, big GEMMs included: 1.26x Keras where the split

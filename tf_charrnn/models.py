@@ -140,6 +140,10 @@ class CharRNN(keras.Model):
     def summary_line(self):
         inputs = "one-hot" if self.one_hot else f"embedding {self.embedding_size}"
         kernel = resolve_kernel(self.kernel)
+        if kernel == "fused" and self.precision != "mixed_float16":  # float16 runs Keras's loop
+            from tf_charrnn.kernels import choose_loops
+
+            kernel = f"fused ({choose_loops(tf.float32)} loops)"
         return (f"model: {self.cell} {self.num_layers}x{self.hidden_size}, {inputs}, "
                 f"vocab {self.vocab_size}, dropout {self.dropout}, {self.precision}, "
                 f"{kernel} kernel, {count_parameters(self):,} parameters")
