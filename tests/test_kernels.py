@@ -138,6 +138,40 @@ def test_native_loops_split_batch_rows_and_equal_keras(kind, return_sequences, b
     _assert_all_close(grads, expected_grads, TOLERANCE["float32"])
 
 
+@pytest.mark.parametrize("units", [32, 40])  # 16-aligned unit blocks, and not
+@pytest.mark.parametrize("split", ["rows", "units", "auto"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_native_loops_equal_xla_loops_for_each_way_of_splitting_the_work(kind, split, units):
+    """The loops alone, on random factors: rows (19 rows: two blocks) and units (each thread a
+    share of every gate's units, a barrier per step) against the XLA loops, with and without
+    per-step output gradients."""
+    _needs_loops("native")
+    _needs_loops("xla")
+    math = kernels._MATHS[kind]
+    rng = np.random.default_rng(5)
+    steps, batch = 6, 19
+    gates = {"lstm": 4, "gru": 3, "simple_rnn": 1}[kind] * units
+
+    def normal(*shape, scale=1.0):
+        return tf.constant(scale * rng.standard_normal(shape), tf.float32)
+
+    bias = normal(2, gates) if kind == "gru" else normal(gates)
+    _, _, _, consts = math.prepare(normal(D, gates), normal(units, gates, scale=0.3), bias)
+    xw = normal(steps, batch, gates)
+    states0 = tuple(normal(batch, units) for _ in range(math.n_states))
+    d_hs, d_final = normal(steps, batch, units), tuple(normal(batch, units) for _ in states0)
+    u_t = tf.transpose(consts[0])
+    xla_forward, _, xla_backward = kernels._loops(kind, "xla")
+    expected = xla_forward(xw, states0, consts)
+    actual = kernels._native_forward_loop(kind, True, xw, states0, consts, split=split)
+    _assert_all_close(tf.nest.flatten(actual), tf.nest.flatten(expected), 1e-5)
+    for upstream in (d_hs, None):
+        expected_grads = xla_backward(expected[2], upstream, d_final, u_t)
+        actual_grads = kernels._native_backward_loop(kind, actual[2], upstream, d_final, u_t,
+                                                     split=split)
+        _assert_all_close(tf.nest.flatten(actual_grads), tf.nest.flatten(expected_grads), 1e-5)
+
+
 def test_native_loops_are_kept_out_of_xla_float64_and_portable_graphs():
     _needs_loops("native")
     assert kernels.choose_loops(tf.float64) != "native"

@@ -314,22 +314,26 @@ _NATIVE_OPS = {
 }
 
 
-def _native_forward_loop(kind, with_jacobian, xw, states0, consts):
-    """_forward_loop on the native op: same arguments, same results (float32 only)."""
+def _native_forward_loop(kind, with_jacobian, xw, states0, consts, split="auto"):
+    """_forward_loop on the native op: same arguments, same results (float32 only).
+
+    split: how the threads share the work, "rows", "units" or "auto" (native_loops.cc).
+    """
     forward_op = getattr(native.library(), _NATIVE_OPS[kind][0])
     u_bias = consts[1] if kind == "gru" else tf.zeros([0], xw.dtype)
-    results = forward_op(xw, consts[0], u_bias, *states0, with_jacobian=with_jacobian)
+    results = forward_op(xw, consts[0], u_bias, *states0, with_jacobian=with_jacobian,
+                         split=split)
     n_states = _MATHS[kind].n_states
     jacs = tuple(results[1 + n_states:]) if with_jacobian else ()
     return results[0], tuple(results[1:1 + n_states]), jacs
 
 
-def _native_backward_loop(kind, jacs, d_hs, d_final, u_kernel_t):
+def _native_backward_loop(kind, jacs, d_hs, d_final, u_kernel_t, split="auto"):
     """_backward_loop on the native op: same arguments, same results (float32 only)."""
     backward_op = getattr(native.library(), _NATIVE_OPS[kind][1])
     if d_hs is None:
         d_hs = tf.zeros([0, 0, 0], u_kernel_t.dtype)  # empty: only the final states were used
-    results = backward_op(*jacs, d_hs, *d_final, u_kernel_t)
+    results = backward_op(*jacs, d_hs, *d_final, u_kernel_t, split=split)
     n_arrays = 2 if _MATHS[kind].separate_recurrent_grad else 1
     return (tuple(results[:n_arrays]), tuple(results[n_arrays:2 * n_arrays]),
             tuple(results[2 * n_arrays:]))

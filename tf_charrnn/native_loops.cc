@@ -6,12 +6,22 @@
 // 0.5 + 0.5 tanh(x / 2), the halving folded into the weights). Shapes: T steps, B batch rows,
 // H units, G gate width (4H LSTM, 3H GRU, H SimpleRNN); time-major, row-major, float32.
 //
-// Batch rows never interact in a recurrence, so the rows are split into one block per thread
-// and each thread runs the whole time loop over its block: no synchronisation between steps.
-// Per step a block does one small GEMM (Eigen, in this thread) and the gate math on data that
-// stays in cache.
+// Each thread runs the whole time loop over one block of the state, in one of two ways:
+//   rows   Batch rows never interact, so the rows are split between the threads and no thread
+//          waits for another. Per step a block does one small GEMM [rows, H] x [H, G] (Eigen,
+//          in this thread) and the gate math on data that stays in cache.
+//   units  For wide layers (H >= 512) the units are split instead: each thread keeps its own
+//          columns of every gate of U (its share of U, which then stays in its cache rather
+//          than every thread streaming all of U each step) and the GEMM keeps all the rows,
+//          [B, H] x [H, G / threads]. The next step needs every unit of h, so the threads
+//          meet at a barrier once per step; they are started per call (not taken from
+//          TensorFlow's pool, whose threads may be busy elsewhere and would leave a barrier
+//          waiting).
 
 #include <algorithm>
+#include <atomic>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include <Eigen/Core>
@@ -38,7 +48,6 @@ using Array = Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajo
 using RowVector = Eigen::Matrix<float, 1, Eigen::Dynamic>;
 using MatrixMap = Eigen::Map<Matrix>;
 using ConstMatrixMap = Eigen::Map<const Matrix>;
-using RowVectorMap = Eigen::Map<const RowVector>;
 
 // Rows [row, row + rows) of step t of a [T, B, width] tensor (or of a [B, width] one, t = 0).
 struct Rows {
@@ -58,33 +67,106 @@ struct Rows {
   }
 };
 
-// What one thread owns: a block of batch rows, and its row of the per-block bias sums.
-struct Block {
-  int64_t row, rows;
-  int index;
+// Threads that all run at once meet here once per time step (the "units" split).
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int parties) : parties_(parties) {}
+
+  void Wait() {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == parties_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    // Steps take tens of microseconds: spin first, then yield in case the machine has more
+    // runnable threads than cores.
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins > 4000) std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int parties_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
 };
 
-// Runs fn(Block) for blocks of rows covering [0, batch), one per worker thread at most.
-template <typename Fn>
-int RunOverRowBlocks(OpKernelContext* context, int64_t batch, Fn fn, bool count_only = false) {
-  auto* workers = context->device()->tensorflow_cpu_worker_threads();
-  // At least 8 rows a block: below that the per-step GEMM is too small to pay for a thread.
-  const int64_t most = std::max<int64_t>(1, batch / 8);
-  const int blocks = static_cast<int>(std::min<int64_t>(workers->num_threads, most));
-  if (count_only) return blocks;
-  auto run = [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t row = batch * b / blocks, end = batch * (b + 1) / blocks;
-      fn(Block{row, end - row, static_cast<int>(b)});
-    }
-  };
-  // A cost far above the sharder's threshold: every block becomes its own shard.
-  tensorflow::Shard(blocks, workers->workers, blocks, int64_t{1} << 40, run);
-  return blocks;
+// What one thread owns: rows [row, row + rows) and units [unit, unit + units) of the state, and
+// its slice of the per-block bias sums.
+struct Block {
+  int64_t row, rows, unit, units;
+  int index;
+  SpinBarrier* barrier;  // null when the blocks never wait for each other
+
+  void Sync() const {
+    if (barrier != nullptr) barrier->Wait();
+  }
+};
+
+enum class Split { kAuto, kRows, kUnits };
+
+Split ParseSplit(const std::string& name) {
+  return name == "rows" ? Split::kRows : name == "units" ? Split::kUnits : Split::kAuto;
 }
 
-int CountRowBlocks(OpKernelContext* context, int64_t batch) {
-  return RunOverRowBlocks(context, batch, [](const Block&) {}, true);
+struct Plan {
+  int blocks;
+  bool by_units;
+};
+
+Plan MakePlan(OpKernelContext* context, int64_t batch, int64_t units, Split split) {
+  const int threads = std::max(1, context->device()->tensorflow_cpu_worker_threads()->num_threads);
+  // Measured on 2 cores: units ran H = 512 at 1.2x rows, H = 256 at par, H = 128 at 0.7x.
+  const bool by_units = split == Split::kUnits || (split == Split::kAuto && units >= 512);
+  // At least 8 rows, or 32 units, a block: below that the per-step GEMM is too small to pay
+  // for a thread. A forced split ("units", for tests) takes as many blocks as threads.
+  int64_t most = by_units ? (split == Split::kUnits ? units : units / 32) : batch / 8;
+  const int blocks = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, most)));
+  return Plan{blocks, by_units && blocks > 1};
+}
+
+// Start of block b of `blocks` over n items, on multiples of 16 (one AVX-512 register of floats)
+// where n allows.
+int64_t Cut(int64_t n, int b, int blocks) {
+  return n % 16 == 0 ? 16 * (n / 16 * b / blocks) : n * b / blocks;
+}
+
+// Runs fn(Block) for the blocks of the plan, covering [0, batch) x [0, units).
+template <typename Fn>
+void RunBlocks(OpKernelContext* context, int64_t batch, int64_t units, const Plan& plan, Fn fn) {
+  if (!plan.by_units) {
+    auto run = [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t row = Cut(batch, b, plan.blocks), end = Cut(batch, b + 1, plan.blocks);
+        fn(Block{row, end - row, 0, units, static_cast<int>(b), nullptr});
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    // A cost far above the sharder's threshold: every block becomes its own shard.
+    tensorflow::Shard(plan.blocks, workers->workers, plan.blocks, int64_t{1} << 40, run);
+    return;
+  }
+  SpinBarrier barrier(plan.blocks);
+  auto block = [&](int b) {
+    const int64_t unit = Cut(units, b, plan.blocks), end = Cut(units, b + 1, plan.blocks);
+    return Block{0, batch, unit, end - unit, b, &barrier};
+  };
+  std::vector<std::thread> threads;
+  for (int b = 1; b < plan.blocks; ++b) threads.emplace_back([&, b] { fn(block(b)); });
+  fn(block(0));
+  for (auto& thread : threads) thread.join();
+}
+
+// The block's units of each of `gates` gate blocks of a [.., gates * units] matrix, side by side:
+// U [H, G] -> [H, gates * n], U^T [G, H] rows kept -> columns [unit, unit + n) of it.
+Matrix GateColumns(const ConstMatrixMap& m, int gates, int64_t units, const Block& block) {
+  Matrix out(m.rows(), gates * block.units);
+  for (int g = 0; g < gates; ++g) {
+    out.middleCols(g * block.units, block.units) = m.middleCols(g * units + block.unit,
+                                                                block.units);
+  }
+  return out;
 }
 
 // Allocates output `index`; on failure records the error in the context and returns nullptr.
@@ -99,74 +181,97 @@ Tensor* Output(OpKernelContext* context, int index, TensorShape shape) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The block loops. `u` and `u_t` arrive as GateColumns of U and U^T: only this block's units.
+// Slices of [rows, G] tensors go through Gate (gate g's columns of this block's units), slices of
+// [rows, H] ones through Own.
+
+struct Slicer {
+  int64_t units;  // H
+  const Block& block;
+
+  Eigen::Block<MatrixMap> Gate(MatrixMap& m, int g) const {
+    return m.middleCols(g * units + block.unit, block.units);
+  }
+  Eigen::Block<MatrixMap> Own(MatrixMap& m) const {
+    return m.middleCols(block.unit, block.units);
+  }
+};
+
 // LSTM (Keras gate order i, f, g, o). Forward inputs: xw [T,B,G] (x W + b, sigmoid columns
 // halved), u [H,G] (same halving), u_bias (unused, empty), h0, c0 [B,H]. Per-step factors for the
 // backward pass: j [T,B,G], k [T,B,H], f [T,B,H], with dZ = [dc, dc, dc, dh] * j and
 // dc = dc_next + dh * k.
 
-void LstmForwardBlock(const Rows& xw, const ConstMatrixMap& u, const Rows& h0, const Rows& c0,
+void LstmForwardBlock(const Rows& xw, const Matrix& u, const Rows& h0, const Rows& c0,
                       const Rows& hs, const Rows& h_out, const Rows& c_out, const Rows& j,
                       const Rows& k, const Rows& f_out, int64_t steps, int64_t units,
                       const Block& block) {
-  const int64_t n = block.rows, h = units;
-  Matrix z(n, 4 * h);
-  Matrix c = c0.at(0, block.row, n);
+  const int64_t rows = block.rows, n = block.units, row = block.row;
+  const Slicer s{units, block};
+  Matrix z(rows, 4 * n);
+  MatrixMap c0_rows = c0.at(0, row, rows);
+  Matrix c = s.Own(c0_rows);
   for (int64_t t = 0; t < steps; ++t) {
-    MatrixMap h_new = hs.at(t, block.row, n);
-    if (t == 0) {
-      z.noalias() = h0.at(0, block.row, n) * u;
-    } else {
-      z.noalias() = hs.at(t - 1, block.row, n) * u;
-    }
-    z += xw.at(t, block.row, n);
+    MatrixMap h_prev = t ? hs.at(t - 1, row, rows) : h0.at(0, row, rows);
+    z.noalias() = h_prev * u;
+    MatrixMap xw_t = xw.at(t, row, rows);
+    for (int g = 0; g < 4; ++g) z.middleCols(g * n, n) += s.Gate(xw_t, g);
     z = z.array().tanh().matrix();
-    const auto ti = z.leftCols(h).array(), tf = z.middleCols(h, h).array();
-    const auto tg = z.middleCols(2 * h, h).array(), to = z.rightCols(h).array();
+    const auto ti = z.leftCols(n).array(), tf = z.middleCols(n, n).array();
+    const auto tg = z.middleCols(2 * n, n).array(), to = z.rightCols(n).array();
     const Array i = 0.5f * ti + 0.5f, f = 0.5f * tf + 0.5f, o = 0.5f * to + 0.5f;
-    if (j.present()) {
-      MatrixMap j_t = j.at(t, block.row, n);
-      j_t.middleCols(h, h).array() = c.array() * (0.5f - 0.5f * tf.square());  // old c
-    }
+    MatrixMap j_t = j.present() ? j.at(t, row, rows) : xw_t;
+    if (j.present()) s.Gate(j_t, 1).array() = c.array() * (0.5f - 0.5f * tf.square());  // old c
     c.array() = f * c.array() + i * tg;
     const Array tc = c.array().tanh();
-    h_new.array() = o * tc;
+    MatrixMap h_t = hs.at(t, row, rows);
+    s.Own(h_t).array() = o * tc;
     if (j.present()) {
-      MatrixMap j_t = j.at(t, block.row, n);
-      j_t.leftCols(h).array() = tg * (0.5f - 0.5f * ti.square());
-      j_t.middleCols(2 * h, h).array() = i * (1.0f - tg.square());
-      j_t.rightCols(h).array() = tc * (0.5f - 0.5f * to.square());
-      k.at(t, block.row, n).array() = o * (1.0f - tc.square());
-      f_out.at(t, block.row, n).array() = f;
+      s.Gate(j_t, 0).array() = tg * (0.5f - 0.5f * ti.square());
+      s.Gate(j_t, 2).array() = i * (1.0f - tg.square());
+      s.Gate(j_t, 3).array() = tc * (0.5f - 0.5f * to.square());
+      MatrixMap k_t = k.at(t, row, rows), f_t = f_out.at(t, row, rows);
+      s.Own(k_t).array() = o * (1.0f - tc.square());
+      s.Own(f_t).array() = f;
     }
+    block.Sync();  // h_t complete before any block reads it
   }
-  h_out.at(0, block.row, n) = steps ? Matrix(hs.at(steps - 1, block.row, n))
-                                    : Matrix(h0.at(0, block.row, n));
-  c_out.at(0, block.row, n) = c;
+  MatrixMap h_last = steps ? hs.at(steps - 1, row, rows) : h0.at(0, row, rows);
+  MatrixMap h_final = h_out.at(0, row, rows), c_final = c_out.at(0, row, rows);
+  s.Own(h_final) = s.Own(h_last);
+  s.Own(c_final) = c;
 }
 
 void LstmBackwardBlock(const Rows& j, const Rows& k, const Rows& f, const Rows& d_hs,
-                       const Rows& dh_final, const Rows& dc_final, const ConstMatrixMap& u_t,
+                       const Rows& dh_final, const Rows& dc_final, const Matrix& u_t,
                        const Rows& dz, float* sums, const Rows& dh0, const Rows& dc0,
                        int64_t steps, int64_t units, const Block& block) {
-  const int64_t n = block.rows, h = units;
-  Matrix dh = dh_final.at(0, block.row, n), dc = dc_final.at(0, block.row, n);
-  Eigen::Map<RowVector> sum(sums, 4 * h);
+  const int64_t rows = block.rows, n = block.units, row = block.row;
+  const Slicer s{units, block};
+  MatrixMap dh_rows = dh_final.at(0, row, rows), dc_rows = dc_final.at(0, row, rows);
+  Matrix dh = s.Own(dh_rows), dc = s.Own(dc_rows);
+  Eigen::Map<RowVector> sum(sums, 4 * units);
   sum.setZero();
   for (int64_t t = steps - 1; t >= 0; --t) {
-    if (d_hs.present()) dh += d_hs.at(t, block.row, n);
-    dc.array() += dh.array() * k.at(t, block.row, n).array();
-    MatrixMap dz_t = dz.at(t, block.row, n);
-    const MatrixMap j_t = j.at(t, block.row, n);
-    for (int gate = 0; gate < 3; ++gate) {
-      dz_t.middleCols(gate * h, h).array() = dc.array() * j_t.middleCols(gate * h, h).array();
+    if (d_hs.present()) {
+      MatrixMap d_t = d_hs.at(t, row, rows);
+      dh += s.Own(d_t);
     }
-    dz_t.rightCols(h).array() = dh.array() * j_t.rightCols(h).array();
-    sum += dz_t.colwise().sum();
+    MatrixMap k_t = k.at(t, row, rows), f_t = f.at(t, row, rows);
+    dc.array() += dh.array() * s.Own(k_t).array();
+    MatrixMap dz_t = dz.at(t, row, rows), j_t = j.at(t, row, rows);
+    for (int g = 0; g < 3; ++g) s.Gate(dz_t, g).array() = dc.array() * s.Gate(j_t, g).array();
+    s.Gate(dz_t, 3).array() = dh.array() * s.Gate(j_t, 3).array();
+    for (int g = 0; g < 4; ++g) {
+      sum.segment(g * units + block.unit, n) += s.Gate(dz_t, g).colwise().sum();
+    }
+    block.Sync();  // every unit's dZ_t written before the product below reads all of them
     dh.noalias() = dz_t * u_t;
-    dc.array() *= f.at(t, block.row, n).array();
+    dc.array() *= s.Own(f_t).array();
   }
-  dh0.at(0, block.row, n) = dh;
-  dc0.at(0, block.row, n) = dc;
+  MatrixMap dh0_rows = dh0.at(0, row, rows), dc0_rows = dc0.at(0, row, rows);
+  s.Own(dh0_rows) = dh;
+  s.Own(dc0_rows) = dc;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -175,106 +280,128 @@ void LstmBackwardBlock(const Rows& j, const Rows& k, const Rows& f, const Rows& 
 // j_rec [T,B,G] and z [T,B,H]: dZ_in = [dh, dh, dh] * j_in, dZ_rec = [dh, dh, dh] * j_rec,
 // dh_prev = dh * z + dZ_rec U^T.
 
-void GruForwardBlock(const Rows& xw, const ConstMatrixMap& u, const RowVectorMap& u_bias,
-                     const Rows& h0, const Rows& hs, const Rows& h_out, const Rows& j_in,
-                     const Rows& j_rec, const Rows& z_out, int64_t steps, int64_t units,
-                     const Block& block) {
-  const int64_t n = block.rows, h = units;
-  Matrix hu(n, 3 * h);
+void GruForwardBlock(const Rows& xw, const Matrix& u, const RowVector& u_bias, const Rows& h0,
+                     const Rows& hs, const Rows& h_out, const Rows& j_in, const Rows& j_rec,
+                     const Rows& z_out, int64_t steps, int64_t units, const Block& block) {
+  const int64_t rows = block.rows, n = block.units, row = block.row;
+  const Slicer s{units, block};
+  Matrix hu(rows, 3 * n);
   for (int64_t t = 0; t < steps; ++t) {
-    const MatrixMap h_prev = t ? hs.at(t - 1, block.row, n) : h0.at(0, block.row, n);
+    MatrixMap h_prev = t ? hs.at(t - 1, row, rows) : h0.at(0, row, rows);
     hu.noalias() = h_prev * u;
     hu.rowwise() += u_bias;
-    const MatrixMap xw_t = xw.at(t, block.row, n);
-    const Array t_zr = (xw_t.leftCols(2 * h) + hu.leftCols(2 * h)).array().tanh();
-    const auto tz = t_zr.leftCols(h), tr = t_zr.rightCols(h);
+    MatrixMap xw_t = xw.at(t, row, rows);
+    const Array tz = (s.Gate(xw_t, 0) + hu.leftCols(n)).array().tanh();
+    const Array tr = (s.Gate(xw_t, 1) + hu.middleCols(n, n)).array().tanh();
     const Array z = 0.5f * tz + 0.5f, r = 0.5f * tr + 0.5f;
-    const auto hu_h = hu.rightCols(h).array();
-    const Array hh = (xw_t.rightCols(h).array() + r * hu_h).tanh();
-    const Array h_minus = h_prev.array() - hh;
-    hs.at(t, block.row, n).array() = hh + z * h_minus;
+    const auto hu_h = hu.rightCols(n).array();
+    const Array hh = (s.Gate(xw_t, 2).array() + r * hu_h).tanh();
+    const Array h_minus = s.Own(h_prev).array() - hh;
+    MatrixMap h_t = hs.at(t, row, rows);
+    s.Own(h_t).array() = hh + z * h_minus;
     if (j_in.present()) {
       const Array k_h = (1.0f - z) * (1.0f - hh.square());
       const Array k_r = k_h * hu_h * (0.5f - 0.5f * tr.square());
       const Array k_z = h_minus * (0.5f - 0.5f * tz.square());
-      MatrixMap in_t = j_in.at(t, block.row, n), rec_t = j_rec.at(t, block.row, n);
-      in_t.leftCols(h).array() = k_z;
-      in_t.middleCols(h, h).array() = k_r;
-      in_t.rightCols(h).array() = k_h;
-      rec_t.leftCols(h).array() = k_z;
-      rec_t.middleCols(h, h).array() = k_r;
-      rec_t.rightCols(h).array() = k_h * r;
-      z_out.at(t, block.row, n).array() = z;
+      MatrixMap in_t = j_in.at(t, row, rows), rec_t = j_rec.at(t, row, rows);
+      MatrixMap z_t = z_out.at(t, row, rows);
+      s.Gate(in_t, 0).array() = k_z;
+      s.Gate(in_t, 1).array() = k_r;
+      s.Gate(in_t, 2).array() = k_h;
+      s.Gate(rec_t, 0).array() = k_z;
+      s.Gate(rec_t, 1).array() = k_r;
+      s.Gate(rec_t, 2).array() = k_h * r;
+      s.Own(z_t).array() = z;
     }
+    block.Sync();
   }
-  h_out.at(0, block.row, n) = steps ? Matrix(hs.at(steps - 1, block.row, n))
-                                    : Matrix(h0.at(0, block.row, n));
+  MatrixMap h_last = steps ? hs.at(steps - 1, row, rows) : h0.at(0, row, rows);
+  MatrixMap h_final = h_out.at(0, row, rows);
+  s.Own(h_final) = s.Own(h_last);
 }
 
 void GruBackwardBlock(const Rows& j_in, const Rows& j_rec, const Rows& z, const Rows& d_hs,
-                      const Rows& dh_final, const ConstMatrixMap& u_t, const Rows& dz_in,
+                      const Rows& dh_final, const Matrix& u_t, const Rows& dz_in,
                       const Rows& dz_rec, float* sums_in, float* sums_rec, const Rows& dh0,
                       int64_t steps, int64_t units, const Block& block) {
-  const int64_t n = block.rows, h = units;
-  Matrix dh = dh_final.at(0, block.row, n);
-  Eigen::Map<RowVector> sum_in(sums_in, 3 * h), sum_rec(sums_rec, 3 * h);
+  const int64_t rows = block.rows, n = block.units, row = block.row;
+  const Slicer s{units, block};
+  MatrixMap dh_rows = dh_final.at(0, row, rows);
+  Matrix dh = s.Own(dh_rows);
+  Eigen::Map<RowVector> sum_in(sums_in, 3 * units), sum_rec(sums_rec, 3 * units);
   sum_in.setZero();
   sum_rec.setZero();
   for (int64_t t = steps - 1; t >= 0; --t) {
-    if (d_hs.present()) dh += d_hs.at(t, block.row, n);
-    MatrixMap in_t = dz_in.at(t, block.row, n), rec_t = dz_rec.at(t, block.row, n);
-    const MatrixMap j_in_t = j_in.at(t, block.row, n), j_rec_t = j_rec.at(t, block.row, n);
-    for (int gate = 0; gate < 3; ++gate) {
-      in_t.middleCols(gate * h, h).array() =
-          dh.array() * j_in_t.middleCols(gate * h, h).array();
-      rec_t.middleCols(gate * h, h).array() =
-          dh.array() * j_rec_t.middleCols(gate * h, h).array();
+    if (d_hs.present()) {
+      MatrixMap d_t = d_hs.at(t, row, rows);
+      dh += s.Own(d_t);
     }
-    sum_in += in_t.colwise().sum();
-    sum_rec += rec_t.colwise().sum();
-    dh.array() *= z.at(t, block.row, n).array();
+    MatrixMap in_t = dz_in.at(t, row, rows), rec_t = dz_rec.at(t, row, rows);
+    MatrixMap j_in_t = j_in.at(t, row, rows), j_rec_t = j_rec.at(t, row, rows);
+    for (int g = 0; g < 3; ++g) {
+      s.Gate(in_t, g).array() = dh.array() * s.Gate(j_in_t, g).array();
+      s.Gate(rec_t, g).array() = dh.array() * s.Gate(j_rec_t, g).array();
+      sum_in.segment(g * units + block.unit, n) += s.Gate(in_t, g).colwise().sum();
+      sum_rec.segment(g * units + block.unit, n) += s.Gate(rec_t, g).colwise().sum();
+    }
+    MatrixMap z_t = z.at(t, row, rows);
+    dh.array() *= s.Own(z_t).array();
+    block.Sync();
     dh.noalias() += rec_t * u_t;
   }
-  dh0.at(0, block.row, n) = dh;
+  MatrixMap dh0_rows = dh0.at(0, row, rows);
+  s.Own(dh0_rows) = dh;
 }
 
 // ---------------------------------------------------------------------------------------------
 // SimpleRNN (tanh). Forward inputs: xw [T,B,H], u [H,H], u_bias (unused, empty), h0 [B,H].
 // Factor: j = 1 - h^2 [T,B,H].
 
-void SimpleForwardBlock(const Rows& xw, const ConstMatrixMap& u, const Rows& h0, const Rows& hs,
-                        const Rows& h_out, const Rows& j, int64_t steps, const Block& block) {
-  const int64_t n = block.rows;
+void SimpleForwardBlock(const Rows& xw, const Matrix& u, const Rows& h0, const Rows& hs,
+                        const Rows& h_out, const Rows& j, int64_t steps, int64_t units,
+                        const Block& block) {
+  const int64_t rows = block.rows, row = block.row;
+  const Slicer s{units, block};
+  Matrix z(rows, block.units);
   for (int64_t t = 0; t < steps; ++t) {
-    MatrixMap h_new = hs.at(t, block.row, n);
-    if (t == 0) {
-      h_new.noalias() = h0.at(0, block.row, n) * u;
-    } else {
-      h_new.noalias() = hs.at(t - 1, block.row, n) * u;
+    MatrixMap h_prev = t ? hs.at(t - 1, row, rows) : h0.at(0, row, rows);
+    z.noalias() = h_prev * u;
+    MatrixMap xw_t = xw.at(t, row, rows), h_t = hs.at(t, row, rows);
+    z += s.Own(xw_t);
+    s.Own(h_t) = z.array().tanh().matrix();
+    if (j.present()) {
+      MatrixMap j_t = j.at(t, row, rows);
+      s.Own(j_t).array() = 1.0f - s.Own(h_t).array().square();
     }
-    h_new += xw.at(t, block.row, n);
-    h_new = h_new.array().tanh().matrix();
-    if (j.present()) j.at(t, block.row, n).array() = 1.0f - h_new.array().square();
+    block.Sync();
   }
-  h_out.at(0, block.row, n) = steps ? Matrix(hs.at(steps - 1, block.row, n))
-                                    : Matrix(h0.at(0, block.row, n));
+  MatrixMap h_last = steps ? hs.at(steps - 1, row, rows) : h0.at(0, row, rows);
+  MatrixMap h_final = h_out.at(0, row, rows);
+  s.Own(h_final) = s.Own(h_last);
 }
 
 void SimpleBackwardBlock(const Rows& j, const Rows& d_hs, const Rows& dh_final,
-                         const ConstMatrixMap& u_t, const Rows& dz, float* sums, const Rows& dh0,
+                         const Matrix& u_t, const Rows& dz, float* sums, const Rows& dh0,
                          int64_t steps, int64_t units, const Block& block) {
-  const int64_t n = block.rows;
-  Matrix dh = dh_final.at(0, block.row, n);
+  const int64_t rows = block.rows, row = block.row;
+  const Slicer s{units, block};
+  MatrixMap dh_rows = dh_final.at(0, row, rows);
+  Matrix dh = s.Own(dh_rows);
   Eigen::Map<RowVector> sum(sums, units);
   sum.setZero();
   for (int64_t t = steps - 1; t >= 0; --t) {
-    if (d_hs.present()) dh += d_hs.at(t, block.row, n);
-    MatrixMap dz_t = dz.at(t, block.row, n);
-    dz_t.array() = dh.array() * j.at(t, block.row, n).array();
-    sum += dz_t.colwise().sum();
+    if (d_hs.present()) {
+      MatrixMap d_t = d_hs.at(t, row, rows);
+      dh += s.Own(d_t);
+    }
+    MatrixMap dz_t = dz.at(t, row, rows), j_t = j.at(t, row, rows);
+    s.Own(dz_t).array() = dh.array() * s.Own(j_t).array();
+    sum.segment(block.unit, block.units) += s.Own(dz_t).colwise().sum();
+    block.Sync();
     dh.noalias() = dz_t * u_t;
   }
-  dh0.at(0, block.row, n) = dh;
+  MatrixMap dh0_rows = dh0.at(0, row, rows);
+  s.Own(dh0_rows) = dh;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,14 +411,15 @@ void SimpleBackwardBlock(const Rows& j, const Rows& d_hs, const Rows& dh_final,
 // states were used).
 
 struct Kind {
+  int gates;           // gate blocks of H columns in G
   int states;          // carried states (h, c)
   int arrays;          // dZ arrays the backward pass writes (GRU: input and recurrent)
   std::vector<int> factor_widths;  // per factor: 0 -> G wide, 1 -> H wide
 };
 
-const Kind kLstm{2, 1, {0, 1, 1}};
-const Kind kGru{1, 2, {0, 0, 1}};
-const Kind kSimple{1, 1, {1}};
+const Kind kLstm{4, 2, 1, {0, 1, 1}};
+const Kind kGru{3, 1, 2, {0, 0, 1}};
+const Kind kSimple{1, 1, 1, {1}};
 
 tensorflow::Status ForwardShape(InferenceContext* c, const Kind& kind) {
   ShapeHandle xw, u;
@@ -329,8 +457,11 @@ tensorflow::Status BackwardShape(InferenceContext* c, const Kind& kind) {
   return tensorflow::OkStatus();
 }
 
+// How the blocks divide the work (see the top of this file); "auto" picks units for H >= 512.
+constexpr char kSplitAttr[] = "split: {'auto', 'rows', 'units'} = 'auto'";
+
 REGISTER_OP("TfCharrnnLstmForward")
-    .Attr("with_jacobian: bool")
+    .Attr("with_jacobian: bool").Attr(kSplitAttr)
     .Input("xw: float").Input("u: float").Input("u_bias: float")
     .Input("h0: float").Input("c0: float")
     .Output("hs: float").Output("h: float").Output("c: float")
@@ -338,19 +469,21 @@ REGISTER_OP("TfCharrnnLstmForward")
     .SetShapeFn([](InferenceContext* c) { return ForwardShape(c, kLstm); });
 
 REGISTER_OP("TfCharrnnLstmBackward")
+    .Attr(kSplitAttr)
     .Input("j: float").Input("k: float").Input("f: float").Input("d_hs: float")
     .Input("dh: float").Input("dc: float").Input("u_t: float")
     .Output("dz: float").Output("sums: float").Output("dh0: float").Output("dc0: float")
     .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, kLstm); });
 
 REGISTER_OP("TfCharrnnGruForward")
-    .Attr("with_jacobian: bool")
+    .Attr("with_jacobian: bool").Attr(kSplitAttr)
     .Input("xw: float").Input("u: float").Input("u_bias: float").Input("h0: float")
     .Output("hs: float").Output("h: float")
     .Output("j_in: float").Output("j_rec: float").Output("z: float")
     .SetShapeFn([](InferenceContext* c) { return ForwardShape(c, kGru); });
 
 REGISTER_OP("TfCharrnnGruBackward")
+    .Attr(kSplitAttr)
     .Input("j_in: float").Input("j_rec: float").Input("z: float").Input("d_hs: float")
     .Input("dh: float").Input("u_t: float")
     .Output("dz_in: float").Output("dz_rec: float")
@@ -358,12 +491,13 @@ REGISTER_OP("TfCharrnnGruBackward")
     .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, kGru); });
 
 REGISTER_OP("TfCharrnnSimpleRnnForward")
-    .Attr("with_jacobian: bool")
+    .Attr("with_jacobian: bool").Attr(kSplitAttr)
     .Input("xw: float").Input("u: float").Input("u_bias: float").Input("h0: float")
     .Output("hs: float").Output("h: float").Output("j: float")
     .SetShapeFn([](InferenceContext* c) { return ForwardShape(c, kSimple); });
 
 REGISTER_OP("TfCharrnnSimpleRnnBackward")
+    .Attr(kSplitAttr)
     .Input("j: float").Input("d_hs: float").Input("dh: float").Input("u_t: float")
     .Output("dz: float").Output("sums: float").Output("dh0: float")
     .SetShapeFn([](InferenceContext* c) { return BackwardShape(c, kSimple); });
@@ -385,6 +519,9 @@ class ForwardOp : public OpKernel {
  public:
   ForwardOp(OpKernelConstruction* context, const Kind& kind) : OpKernel(context), kind_(kind) {
     OP_REQUIRES_OK(context, context->GetAttr("with_jacobian", &with_jacobian_));
+    std::string split;
+    OP_REQUIRES_OK(context, context->GetAttr("split", &split));
+    split_ = ParseSplit(split);
   }
 
   void Compute(OpKernelContext* context) override {
@@ -426,17 +563,20 @@ class ForwardOp : public OpKernel {
     }
     const ConstMatrixMap u_map(u.flat<float>().data(), units, call.gates);
     const Rows xw_rows(xw, batch, call.gates);
-    RunOverRowBlocks(context, batch, [&](const Block& block) {
-      RunBlock(call, xw_rows, u_map, block);
-    });
+    RunBlocks(context, batch, units, MakePlan(context, batch, units, split_),
+              [&](const Block& block) {
+                RunBlock(call, xw_rows, GateColumns(u_map, kind_.gates, units, block), block);
+              });
   }
 
  protected:
-  virtual void RunBlock(const Call& call, const Rows& xw, const ConstMatrixMap& u,
+  // u: this block's columns of U (GateColumns).
+  virtual void RunBlock(const Call& call, const Rows& xw, const Matrix& u,
                         const Block& block) const = 0;
 
   const Kind& kind_;
   bool with_jacobian_ = false;
+  Split split_ = Split::kAuto;
 };
 
 class LstmForwardOp : public ForwardOp {
@@ -444,7 +584,7 @@ class LstmForwardOp : public ForwardOp {
   explicit LstmForwardOp(OpKernelConstruction* context) : ForwardOp(context, kLstm) {}
 
  protected:
-  void RunBlock(const Call& call, const Rows& xw, const ConstMatrixMap& u,
+  void RunBlock(const Call& call, const Rows& xw, const Matrix& u,
                 const Block& block) const override {
     const auto& o = call.outputs;
     LstmForwardBlock(xw, u, call.states[0], call.states[1], o[0], o[1], o[2], o[3], o[4], o[5],
@@ -457,11 +597,12 @@ class GruForwardOp : public ForwardOp {
   explicit GruForwardOp(OpKernelConstruction* context) : ForwardOp(context, kGru) {}
 
  protected:
-  void RunBlock(const Call& call, const Rows& xw, const ConstMatrixMap& u,
+  void RunBlock(const Call& call, const Rows& xw, const Matrix& u,
                 const Block& block) const override {
     const auto& o = call.outputs;
-    const RowVectorMap u_bias(call.u_bias, call.gates);
-    GruForwardBlock(xw, u, u_bias, call.states[0], o[0], o[1], o[2], o[3], o[4], call.steps,
+    const ConstMatrixMap u_bias(call.u_bias, 1, call.gates);
+    const RowVector u_bias_block = GateColumns(u_bias, 3, call.units, block);
+    GruForwardBlock(xw, u, u_bias_block, call.states[0], o[0], o[1], o[2], o[3], o[4], call.steps,
                     call.units, block);
   }
 };
@@ -471,16 +612,20 @@ class SimpleForwardOp : public ForwardOp {
   explicit SimpleForwardOp(OpKernelConstruction* context) : ForwardOp(context, kSimple) {}
 
  protected:
-  void RunBlock(const Call& call, const Rows& xw, const ConstMatrixMap& u,
+  void RunBlock(const Call& call, const Rows& xw, const Matrix& u,
                 const Block& block) const override {
     const auto& o = call.outputs;
-    SimpleForwardBlock(xw, u, call.states[0], o[0], o[1], o[2], call.steps, block);
+    SimpleForwardBlock(xw, u, call.states[0], o[0], o[1], o[2], call.steps, call.units, block);
   }
 };
 
 class BackwardOp : public OpKernel {
  public:
-  BackwardOp(OpKernelConstruction* context, const Kind& kind) : OpKernel(context), kind_(kind) {}
+  BackwardOp(OpKernelConstruction* context, const Kind& kind) : OpKernel(context), kind_(kind) {
+    std::string split;
+    OP_REQUIRES_OK(context, context->GetAttr("split", &split));
+    split_ = ParseSplit(split);
+  }
 
   void Compute(OpKernelContext* context) override {
     const int factors = static_cast<int>(kind_.factor_widths.size());
@@ -524,16 +669,17 @@ class BackwardOp : public OpKernel {
       call.outputs.emplace_back(d, batch, units);
     }
     // Each block sums its own rows into its own slice; the slices are added up after.
-    const int blocks = CountRowBlocks(context, batch);
+    const Plan plan = MakePlan(context, batch, units, split_);
+    const int blocks = plan.blocks;
     std::vector<float> partial(static_cast<size_t>(blocks) * kind_.arrays * gates, 0.0f);
     auto slice = [&](int block, int array) {
       return partial.data() + (static_cast<size_t>(block) * kind_.arrays + array) * gates;
     };
     const ConstMatrixMap u_t_map(u_t.flat<float>().data(), gates, units);
-    RunOverRowBlocks(context, batch, [&](const Block& block) {
+    RunBlocks(context, batch, units, plan, [&](const Block& block) {
       std::vector<float*> sums;
       for (int a = 0; a < kind_.arrays; ++a) sums.push_back(slice(block.index, a));
-      RunBlock(call, u_t_map, sums, block);
+      RunBlock(call, GateColumns(u_t_map, 1, units, block), sums, block);
     });
     for (int a = 0; a < kind_.arrays; ++a) {
       Tensor* sums = Output(context, kind_.arrays + a, TensorShape({gates}));
@@ -545,11 +691,13 @@ class BackwardOp : public OpKernel {
   }
 
  protected:
-  // call.outputs: the dZ arrays, then the initial-state gradients.
-  virtual void RunBlock(const Call& call, const ConstMatrixMap& u_t,
-                        const std::vector<float*>& sums, const Block& block) const = 0;
+  // call.outputs: the dZ arrays, then the initial-state gradients; u_t: this block's columns of
+  // U^T (its units).
+  virtual void RunBlock(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
+                        const Block& block) const = 0;
 
   const Kind& kind_;
+  Split split_ = Split::kAuto;
 };
 
 class LstmBackwardOp : public BackwardOp {
@@ -557,7 +705,7 @@ class LstmBackwardOp : public BackwardOp {
   explicit LstmBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kLstm) {}
 
  protected:
-  void RunBlock(const Call& call, const ConstMatrixMap& u_t, const std::vector<float*>& sums,
+  void RunBlock(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
                 const Block& block) const override {
     const auto& f = call.factors;
     const auto& o = call.outputs;
@@ -571,7 +719,7 @@ class GruBackwardOp : public BackwardOp {
   explicit GruBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kGru) {}
 
  protected:
-  void RunBlock(const Call& call, const ConstMatrixMap& u_t, const std::vector<float*>& sums,
+  void RunBlock(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
                 const Block& block) const override {
     const auto& f = call.factors;
     const auto& o = call.outputs;
@@ -585,7 +733,7 @@ class SimpleBackwardOp : public BackwardOp {
   explicit SimpleBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kSimple) {}
 
  protected:
-  void RunBlock(const Call& call, const ConstMatrixMap& u_t, const std::vector<float*>& sums,
+  void RunBlock(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
                 const Block& block) const override {
     const auto& o = call.outputs;
     SimpleBackwardBlock(call.factors[0], call.d_hs, call.states[0], u_t, o[0], sums[0], o[1],
