@@ -120,6 +120,7 @@ def test_export_round_trip_without_the_package(tmp_path, capsys, kernel):
     make_run(tmp_path / "run", vocab, model, Config(model=dataclasses.replace(TINY, kernel=kernel)))
     out = tmp_path / "exported"
     assert run_cli(main, ["--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert b"TfCharrnn" not in (out / "saved_model.pb").read_bytes()  # no native ops inside
     stdout, stderr = capsys.readouterr()
     assert f"exported {out}" in stdout and "ckpt-2 (step 2)" in stderr
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

@@ -22,11 +22,11 @@ How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, ti
   Sigmoid gates are 0.5 + 0.5 tanh(z / 2) with the halving folded into the weight columns (an
   exact power-of-two scaling), so one tanh covers every gate of a step.
   The loops, fastest first (`choose_loops`; the big GEMMs stay on TensorFlow's oneDNN matmul):
-    native  C++ ops (native_loops.cc, compiled on first use by native.py): the batch rows split
-            into one block per core, each core running the whole time loop over its rows with
-            an Eigen GEMM per step; float32 loops only; never inside an XLA computation nor in
-            graphs traced under `portable_loops()` (the exported SavedModel must load without
-            this package).
+    native  C++ ops (native_loops.cc, compiled on first use by native.py): the batch rows (or,
+            from 512 units, the units) split into one block per core, each core running the
+            whole time loop over its block with an Eigen GEMM per step; float32 loops only;
+            never inside an XLA computation nor in graphs traced under `portable_loops()` (the
+            exported SavedModel must load without this package).
     xla     tf.while_loops compiled with XLA (jit_compile=True) where the TensorFlow build can
             (`xla_loops_available()`).
     plain   tf.while_loops.
@@ -85,6 +85,7 @@ import tensorflow as tf
 from keras import activations, ops
 from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.ops import control_flow_util
+from tensorflow.python.saved_model import save_context
 
 from tf_charrnn import native
 
@@ -362,8 +363,9 @@ def _in_xla_context():
 
 def choose_loops(loop_dtype):
     """The fastest loops that can run here for this loop dtype: "native", "xla" or "plain"."""
-    if (loop_dtype == tf.float32 and not getattr(_portable, "active", False)
-            and not _in_xla_context() and native.library() is not None):
+    portable = getattr(_portable, "active", False) or save_context.in_save_context()
+    if (loop_dtype == tf.float32 and not portable and not _in_xla_context()
+            and native.library() is not None):
         return "native"
     return "xla" if xla_loops_available() else "plain"
 

@@ -12,7 +12,7 @@ the installed TensorFlow's headers, once per source, TensorFlow version, compile
 the cache directory ($TF_CHARRNN_CACHE, else $XDG_CACHE_HOME/tf_charrnn, else
 ~/.cache/tf_charrnn); about 20 s the first time, a file load after that. Without a compiler,
 or if the build or the load fails, `library()` returns None, says why once on stderr, and the
-kernels run their XLA loops instead: slower, same results. TF_CHARRNN_NATIVE=0 turns the
+kernels run their tf.while_loops (XLA-compiled where available) instead: slower, same results. TF_CHARRNN_NATIVE=0 turns the
 native loops off.
 """
 
@@ -50,7 +50,10 @@ def cache_dir():
     if root:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "tf_charrnn"
+    try:
+        return (Path(xdg) if xdg else Path.home() / ".cache") / "tf_charrnn"
+    except RuntimeError as error:  # no home directory
+        raise BuildError(f"no cache directory ({error}): set TF_CHARRNN_CACHE") from error
 
 
 def find_compiler():
@@ -78,7 +81,8 @@ def _compile(compiler, arch_flags, out):
                *tf.sysconfig.get_compile_flags(), str(SOURCE), "-o", str(out),
                *tf.sysconfig.get_link_flags()]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command, capture_output=True, text=True, errors="replace",
+                                timeout=600)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise BuildError(f"{compiler} failed to run: {error}") from error
     if result.returncode != 0:
@@ -93,10 +97,14 @@ def build(directory=None):
     compiler = find_compiler()
     if compiler is None:
         raise BuildError("no C++ compiler found (install g++, or set CXX)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildError(f"{compiler} --version failed: {error}") from error
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), tf.__version__, tf.sysconfig.get_include(), version,
-        _cpu_signature(), repr(ARCH_FLAGS)]).encode()).hexdigest()[:16]
+        SOURCE.read_text(), tf.__version__, tf.sysconfig.get_include(),
+        version.decode(errors="replace"), _cpu_signature(), repr(ARCH_FLAGS)]).encode()
+    ).hexdigest()[:16]
     directory = Path(directory) if directory is not None else cache_dir()
     target = directory / f"native_loops-{key}.so"
     if target.exists():
@@ -131,9 +139,14 @@ def library():
         return None
     import tensorflow as tf
 
+    path = None
     try:
-        return tf.load_op_library(str(build()))
-    except (BuildError, tf.errors.NotFoundError, OSError) as error:
-        print(f"tf_charrnn: native RNN loops unavailable ({error}); using the XLA loops, which "
-              f"are slower. Set {ENV_SWITCH}=0 to skip this attempt.", file=sys.stderr)
+        path = build()
+        return tf.load_op_library(str(path))
+    except Exception as error:  # noqa: BLE001 - any failure here means: run the portable loops
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if path is not None:
+            reason += f" (loading {path}; delete it to rebuild)"
+        print(f"tf_charrnn: native RNN loops unavailable ({reason}); using the slower "
+              f"tf.while_loops. Set {ENV_SWITCH}=0 to skip this attempt.", file=sys.stderr)
         return None

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -115,10 +116,13 @@ struct Plan {
   bool by_units;
 };
 
-Plan MakePlan(OpKernelContext* context, int64_t batch, int64_t units, Split split) {
+Plan MakePlan(OpKernelContext* context, int64_t steps, int64_t batch, int64_t units,
+              Split split) {
   const int threads = std::max(1, context->device()->tensorflow_cpu_worker_threads()->num_threads);
   // Measured on 2 cores: units ran H = 512 at 1.2x rows, H = 256 at par, H = 128 at 0.7x.
-  const bool by_units = split == Split::kUnits || (split == Split::kAuto && units >= 512);
+  // Starting threads costs tens of microseconds a call: not for a step or two (sampling).
+  const bool by_units = split == Split::kUnits ||
+                        (split == Split::kAuto && units >= 512 && steps >= 8);
   // At least 8 rows, or 32 units, a block: below that the per-step GEMM is too small to pay
   // for a thread. A forced split ("units", for tests) takes as many blocks as threads.
   int64_t most = by_units ? (split == Split::kUnits ? units : units / 32) : batch / 8;
@@ -126,10 +130,10 @@ Plan MakePlan(OpKernelContext* context, int64_t batch, int64_t units, Split spli
   return Plan{blocks, by_units && blocks > 1};
 }
 
-// Start of block b of `blocks` over n items, on multiples of 16 (one AVX-512 register of floats)
-// where n allows.
-int64_t Cut(int64_t n, int b, int blocks) {
-  return n % 16 == 0 ? 16 * (n / 16 * b / blocks) : n * b / blocks;
+// Start of block b of `blocks` over n items; aligned: on multiples of 16 (one AVX-512 register
+// of floats, for unit blocks: columns) where n allows.
+int64_t Cut(int64_t n, int b, int blocks, bool aligned) {
+  return aligned && n % 16 == 0 ? 16 * (n / 16 * b / blocks) : n * b / blocks;
 }
 
 // Runs fn(Block) for the blocks of the plan, covering [0, batch) x [0, units).
@@ -138,7 +142,8 @@ void RunBlocks(OpKernelContext* context, int64_t batch, int64_t units, const Pla
   if (!plan.by_units) {
     auto run = [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
-        const int64_t row = Cut(batch, b, plan.blocks), end = Cut(batch, b + 1, plan.blocks);
+        const int64_t row = Cut(batch, b, plan.blocks, false);
+        const int64_t end = Cut(batch, b + 1, plan.blocks, false);
         fn(Block{row, end - row, 0, units, static_cast<int>(b), nullptr});
       }
     };
@@ -149,11 +154,28 @@ void RunBlocks(OpKernelContext* context, int64_t batch, int64_t units, const Pla
   }
   SpinBarrier barrier(plan.blocks);
   auto block = [&](int b) {
-    const int64_t unit = Cut(units, b, plan.blocks), end = Cut(units, b + 1, plan.blocks);
+    const int64_t unit = Cut(units, b, plan.blocks, true);
+    const int64_t end = Cut(units, b + 1, plan.blocks, true);
     return Block{0, batch, unit, end - unit, b, &barrier};
   };
+  // The threads start work only once all of them exist: if one cannot be created, the others
+  // are told to return and the caller runs the whole loop as one block.
+  std::atomic<int> go{0};  // 0 wait, 1 run, -1 give up
   std::vector<std::thread> threads;
-  for (int b = 1; b < plan.blocks; ++b) threads.emplace_back([&, b] { fn(block(b)); });
+  try {
+    for (int b = 1; b < plan.blocks; ++b) {
+      threads.emplace_back([&, b] {
+        while (go.load(std::memory_order_acquire) == 0) std::this_thread::yield();
+        if (go.load(std::memory_order_acquire) == 1) fn(block(b));
+      });
+    }
+  } catch (const std::system_error&) {
+    go.store(-1, std::memory_order_release);
+    for (auto& thread : threads) thread.join();
+    fn(Block{0, batch, 0, units, 0, nullptr});
+    return;
+  }
+  go.store(1, std::memory_order_release);
   fn(block(0));
   for (auto& thread : threads) thread.join();
 }
@@ -412,14 +434,15 @@ void SimpleBackwardBlock(const Rows& j, const Rows& d_hs, const Rows& dh_final,
 
 struct Kind {
   int gates;           // gate blocks of H columns in G
+  bool needs_u_bias;   // GRU's recurrent bias
   int states;          // carried states (h, c)
   int arrays;          // dZ arrays the backward pass writes (GRU: input and recurrent)
   std::vector<int> factor_widths;  // per factor: 0 -> G wide, 1 -> H wide
 };
 
-const Kind kLstm{4, 2, 1, {0, 1, 1}};
-const Kind kGru{3, 1, 2, {0, 0, 1}};
-const Kind kSimple{1, 1, 1, {1}};
+const Kind kLstm{4, false, 2, 1, {0, 1, 1}};
+const Kind kGru{3, true, 1, 2, {0, 0, 1}};
+const Kind kSimple{1, false, 1, 1, {1}};
 
 tensorflow::Status ForwardShape(InferenceContext* c, const Kind& kind) {
   ShapeHandle xw, u;
@@ -535,9 +558,11 @@ class ForwardOp : public OpKernel {
     call.units = u.dim_size(0);
     call.gates = u.dim_size(1);
     const int64_t steps = call.steps, batch = call.batch, units = call.units;
+    OP_REQUIRES(context, call.gates == kind_.gates * units,
+                tensorflow::errors::InvalidArgument("u must be [H, G] with G = gates * H"));
     const Tensor& u_bias = context->input(2);
-    OP_REQUIRES(context, u_bias.NumElements() == 0 || u_bias.NumElements() == call.gates,
-                tensorflow::errors::InvalidArgument("u_bias must be [G] or empty"));
+    OP_REQUIRES(context, u_bias.NumElements() == (kind_.needs_u_bias ? call.gates : 0),
+                tensorflow::errors::InvalidArgument("u_bias must be [G] for GRU, else empty"));
     call.u_bias = u_bias.NumElements() ? u_bias.flat<float>().data() : nullptr;
     for (int s = 0; s < kind_.states; ++s) {
       const Tensor& state = context->input(3 + s);
@@ -563,7 +588,7 @@ class ForwardOp : public OpKernel {
     }
     const ConstMatrixMap u_map(u.flat<float>().data(), units, call.gates);
     const Rows xw_rows(xw, batch, call.gates);
-    RunBlocks(context, batch, units, MakePlan(context, batch, units, split_),
+    RunBlocks(context, batch, units, MakePlan(context, steps, batch, units, split_),
               [&](const Block& block) {
                 RunBlock(call, xw_rows, GateColumns(u_map, kind_.gates, units, block), block);
               });
@@ -638,6 +663,8 @@ class BackwardOp : public OpKernel {
     call.batch = first.dim_size(1);
     call.gates = u_t.dim_size(0);
     call.units = u_t.dim_size(1);
+    OP_REQUIRES(context, call.gates == kind_.gates * call.units,
+                tensorflow::errors::InvalidArgument("u_t must be [G, H] with G = gates * H"));
     const int64_t steps = call.steps, batch = call.batch, units = call.units;
     const int64_t gates = call.gates;
     for (int f = 0; f < factors; ++f) {
@@ -669,7 +696,7 @@ class BackwardOp : public OpKernel {
       call.outputs.emplace_back(d, batch, units);
     }
     // Each block sums its own rows into its own slice; the slices are added up after.
-    const Plan plan = MakePlan(context, batch, units, split_);
+    const Plan plan = MakePlan(context, steps, batch, units, split_);
     const int blocks = plan.blocks;
     std::vector<float> partial(static_cast<size_t>(blocks) * kind_.arrays * gates, 0.0f);
     auto slice = [&](int block, int array) {
