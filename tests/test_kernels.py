@@ -117,14 +117,6 @@ def test_fused_layer_equals_keras_layer_outputs_states_and_gradients(
     _assert_all_close(grads, expected_grads, TOLERANCE[dtype])
 
 
-def test_native_library_builds_where_there_is_a_compiler():
-    """The native tests skip only where nothing could build them, never on a broken build."""
-    if not native.enabled() or native.find_compiler() is None:
-        pytest.skip("no C++ compiler (or TF_CHARRNN_NATIVE=0): the layers run their XLA loops")
-    assert native.library() is not None
-    assert kernels.choose_loops(tf.float32) == "native"
-
-
 @pytest.mark.parametrize("batch", [1, 19])
 @pytest.mark.parametrize("return_sequences", [True, False])
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -204,26 +196,6 @@ def test_native_loops_are_kept_out_of_xla_float64_and_portable_graphs():
     tf.function(lambda: chosen.append(kernels.choose_loops(tf.float32)) or tf.constant(0),
                 jit_compile=True, autograph=False)()
     assert len(chosen) == 1 and chosen[0] != "native"
-
-
-def test_a_failed_native_build_says_why_once_and_layers_still_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails every build
-    monkeypatch.setenv("TF_CHARRNN_CACHE", str(tmp_path))
-    with pytest.raises(native.BuildError, match="false failed"):
-        native.build()
-    native.library.cache_clear()
-    try:
-        assert native.library() is None and native.library() is None
-        assert kernels.choose_loops(tf.float32) in ("xla", "plain")
-        stock, fused = _layer_pair("lstm", "float32")
-        x, states = _inputs("lstm", "float32")
-        _assert_all_close(_run(fused, x, states)[0], _run(stock, x, states)[0], 1e-5)
-    finally:
-        native.library.cache_clear()
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "native RNN loops unavailable (" in lines[0], lines
-    assert "false failed" in lines[0], lines
-    assert list(tmp_path.iterdir()) == []  # no half-built library left behind
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

@@ -3,17 +3,18 @@
 On a CPU the recurrence's serial part (per step: h @ U on a [B, H] block, then the gate math)
 decides the speed of training. XLA's CPU loop runs that product at about 65 GFLOP/s on the
 lecture shapes; the same product in Eigen, with the batch rows split between the cores (rows
-never interact, so each core runs the whole time loop over its own rows), runs at 2-3x that.
+never interact, so each core runs the whole time loop over its own rows; wide layers split
+their units instead), runs at about twice that.
 native_loops.cc holds the loops of kernels.py's _forward_loop and _backward_loop for LSTM, GRU
 and SimpleRNN as TensorFlow ops, with the same inputs, outputs and arithmetic.
 
 The library is compiled with the system's C++ compiler (`$CXX`, else c++/g++/clang++) against
 the installed TensorFlow's headers, once per source, TensorFlow version, compiler and CPU, into
 the cache directory ($TF_CHARRNN_CACHE, else $XDG_CACHE_HOME/tf_charrnn, else
-~/.cache/tf_charrnn); about 20 s the first time, a file load after that. Without a compiler,
+~/.cache/tf_charrnn); about 25 s the first time, a file load after that. Without a compiler,
 or if the build or the load fails, `library()` returns None, says why once on stderr, and the
-kernels run their tf.while_loops (XLA-compiled where available) instead: slower, same results. TF_CHARRNN_NATIVE=0 turns the
-native loops off.
+kernels run their tf.while_loops (XLA-compiled where available) instead: slower, same results.
+TF_CHARRNN_NATIVE=0 turns the native loops off.
 """
 
 from __future__ import annotations
