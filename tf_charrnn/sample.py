@@ -8,14 +8,20 @@ The Generator owns the path from a prime to text:
 * The prime is fed through the model in ONE forward pass (all but its last character), which
   leaves the state ready for the first draw.
 * Characters are drawn inside one `tf.function` holding a `tf.while_loop` that generates a chunk
-  of K characters per call, for N rows at once, the state staying on the device. Each draw is
-  `tf.random.stateless_categorical` seeded with (seed, position), so a seed gives the same text
-  however the output is chunked. Temperature, top-k, top-p and argmax are tensors, so the loop
+  of K characters per call, for N rows at once, the state staying on the device. Each draw
+  inverts the cumulative distribution at one stateless uniform number seeded with (seed,
+  position), so a seed gives the same text however the output is chunked. (An inverse-CDF draw
+  costs one random number a row where tf.random.stateless_categorical spent about a fifth of a
+  one-stream step under XLA.)
+* Each step runs the fused kernel's cell math (kernels.py: one tanh for all gates) on weights
+  prepared once per chunk, the first layer's input projection read as a row of a [V, G] table
+  (embedding, or one-hot, times the input kernel): 1.3x the Keras cells one stream, together
+  with the draw above. Temperature, top-k, top-p and argmax are tensors, so the loop
   is traced once per Generator whatever the options; the batch dimension is left open.
 * The loop is compiled with XLA by default. For the lecture model on two CPU cores one stream
-  runs about 5x faster than the plain graph (~45k against ~8k characters/s), for about 1.5 s
-  of compilation on the first call per number of rows; at 64 rows both are bound by the matrix
-  products (~100k characters/s). See benchmarks/sample_speed.py. XLA and the plain graph draw
+  runs about 6x faster than the plain graph (~71k against ~12k characters/s), for about 1.5 s
+  of compilation on the first call per number of rows; at 64 rows XLA gives ~270k and the
+  plain graph ~170k characters/s. See benchmarks/sample_speed.py. XLA and the plain graph draw
   differently, so a seed's text depends on jit_compile; tf_charrnn.export uses the XLA loop too.
 * The Python side calls the chunk function once per chunk, decodes it, looks for the stop string
   and yields text, so the CLI can stream. A run trained on Hangul jamo (data.hangul_jamo) is
@@ -93,12 +99,18 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):
 def draw(logits, seed, argmax=False):
     """[N, V] logits -> ids [N] int32: one categorical draw per row, or the row's argmax.
 
-    seed is a [2] int32 tensor for tf.random.stateless_categorical: the same seed and logits give
-    the same ids.
+    seed is a [2] int32 tensor for tf.random.stateless_uniform: the same seed and logits give
+    the same ids. The draw inverts the row's cumulative distribution at one uniform number; an
+    id whose logit is -inf (cut by filter_logits) is never drawn.
     """
     logits = tf.convert_to_tensor(logits, tf.float32)
-    drawn = tf.random.stateless_categorical(logits, 1, tf.cast(seed, tf.int32),
-                                            dtype=tf.int32)[:, 0]
+    weights = tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))  # [N, V], max 1
+    cdf = tf.math.cumsum(weights, axis=-1)  # [N, V]
+    total = cdf[:, -1:]  # [N, 1], at least 1
+    uniform = tf.random.stateless_uniform([tf.shape(logits)[0], 1], tf.cast(seed, tf.int32))
+    # Strictly below the total, so the draw never runs past the last id with any weight.
+    point = tf.minimum(uniform * total, tf.math.nextafter(total, tf.zeros_like(total)))
+    drawn = tf.reduce_sum(tf.cast(cdf <= point, tf.int32), axis=-1)  # [N]
     return tf.where(tf.cast(argmax, tf.bool), tf.argmax(logits, axis=-1, output_type=tf.int32),
                     drawn)
 
@@ -106,26 +118,54 @@ def draw(logits, seed, argmax=False):
 # ---------------------------------------------------------------------------------------------
 # The model, one character at a time, and the compiled generation loop.
 
-def model_step(model, ids, states):
-    """Feed ids [N] (one character per row) -> (logits [N, V], new states).
+_CELL_KINDS = {"lstm": "lstm", "gru": "gru", "rnn": "simple_rnn"}
 
-    Runs the recurrent cells directly: the same weights and arithmetic as model(ids[:, None],
-    states) without a length-one sequence loop per layer. Dropout is off, as in sampling.
-    """
-    ids = tf.cast(ids, tf.int32)
-    if model.one_hot:
-        x = tf.one_hot(ids, model.vocab_size, dtype=model.rnn_layers[0].compute_dtype)  # [N, V]
-    else:
-        x = model.embedding(ids)  # [N, E]
-    per_layer = model.states_per_layer
-    new_states = []
+
+def prepare_step(model):
+    """The model's weights as model_step uses them: per layer (math, table or input kernel,
+    input bias, per-step constants), float32. Call it once per chunk, outside the loop."""
+    from tf_charrnn.kernels import _MATHS
+
+    math = _MATHS[_CELL_KINDS[model.cell]]
+    layers = []
     for index, layer in enumerate(model.rnn_layers):
         cell = layer.cell
-        layer_states = [tf.cast(state, cell.compute_dtype)
-                        for state in states[index * per_layer:(index + 1) * per_layer]]
-        x, layer_states = cell(x, layer_states, training=False)  # [N, H]
+        kernel, recurrent, bias = (tf.cast(w, tf.float32)
+                                   for w in (cell.kernel, cell.recurrent_kernel, cell.bias))
+        _, w_kernel, w_bias, consts = math.prepare(kernel, recurrent, bias)
+        if index == 0:
+            # A one-hot input times the kernel is a row of it; an embedded one, a row of E W.
+            rows = w_kernel if model.one_hot else tf.matmul(
+                tf.cast(model.embedding.embeddings, tf.float32), w_kernel)
+            layers.append((rows + w_bias, None, consts))  # [V, G]
+        else:
+            layers.append((w_kernel, w_bias, consts))
+    return math, tuple(layers)
+
+
+def model_step(model, ids, states, prepared=None):
+    """Feed ids [N] (one character per row) -> (logits [N, V], new states).
+
+    The same weights and function as model(ids[:, None], states) (equal to float32 rounding),
+    through the fused kernel's cell math rather than a length-one sequence loop per layer; the
+    model's cells are the standard ones (tanh, sigmoid gates, GRU reset_after), as models.py
+    builds them. prepared: prepare_step(model), to keep that work out of a generation loop.
+    Dropout is off, as in sampling.
+    """
+    math, layers = prepared if prepared is not None else prepare_step(model)
+    ids = tf.cast(ids, tf.int32)
+    per_layer = model.states_per_layer
+    x, new_states = None, []
+    for index, (weight, bias, consts) in enumerate(layers):
+        xw = tf.gather(weight, ids) if index == 0 else tf.matmul(x, weight) + bias  # [N, G]
+        layer_states = tuple(tf.cast(state, tf.float32)
+                             for state in states[index * per_layer:(index + 1) * per_layer])
+        layer_states, _ = math.step(xw, layer_states, consts, with_jacobian=False)
+        x = layer_states[0]  # [N, H]
         new_states.extend(tf.cast(state, model.state_dtype) for state in layer_states)
-    return tf.cast(model.head(x), tf.float32), tuple(new_states)  # [N, V]
+    head = model.head
+    logits = tf.matmul(x, tf.cast(head.kernel, tf.float32)) + tf.cast(head.bias, tf.float32)
+    return logits, tuple(new_states)  # [N, V]
 
 
 def generate_ids(model, ids, states, num_steps, seed, position, temperature, top_k, top_p,
@@ -145,8 +185,10 @@ def generate_ids(model, ids, states, num_steps, seed, position, temperature, top
     # than the draw it would save (measured under XLA on a CPU).
     top_k = tf.where(tf.cast(argmax, tf.bool), 1, tf.cast(top_k, tf.int32))
 
+    prepared = prepare_step(model)
+
     def body(step, ids, states, drawn):
-        logits, states = model_step(model, ids, states)  # [N, V]
+        logits, states = model_step(model, ids, states, prepared)  # [N, V]
         logits = filter_logits(logits, temperature, top_k, top_p)
         ids = draw(logits, tf.stack([seed, position + step]))  # [N]
         return step + 1, ids, states, drawn.write(step, ids)
