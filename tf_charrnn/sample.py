@@ -122,8 +122,10 @@ _CELL_KINDS = {"lstm": "lstm", "gru": "gru", "rnn": "simple_rnn"}
 
 
 def prepare_step(model):
-    """The model's weights as model_step uses them: per layer (math, table or input kernel,
-    input bias, per-step constants), float32. Call it once per chunk, outside the loop."""
+    """The model's weights as model_step uses them, float32: (the cell math of kernels.py, per
+    layer (input kernel, input bias, the math's per-step constants)), the first layer's input
+    kernel and bias folded into one [V, G] table (bias None). Call it once per chunk, outside
+    the loop."""
     from tf_charrnn.kernels import _MATHS
 
     math = _MATHS[_CELL_KINDS[model.cell]]
