@@ -217,6 +217,12 @@ struct Slicer {
   Eigen::Block<MatrixMap> Own(MatrixMap& m) const {
     return m.middleCols(block.unit, block.units);
   }
+  // m += this block's part of step t of a [T, B, H] gradient, when there is one.
+  void AddStep(Matrix& m, const Rows& per_step, int64_t t) const {
+    if (!per_step.present()) return;
+    MatrixMap step = per_step.at(t, block.row, block.rows);
+    m += Own(step);
+  }
 };
 
 // LSTM (Keras gate order i, f, g, o). Forward inputs: xw [T,B,G] (x W + b, sigmoid columns
@@ -275,10 +281,7 @@ void LstmBackwardBlock(const Rows& j, const Rows& k, const Rows& f, const Rows& 
   Eigen::Map<RowVector> sum(sums, 4 * units);
   sum.setZero();
   for (int64_t t = steps - 1; t >= 0; --t) {
-    if (d_hs.present()) {
-      MatrixMap d_t = d_hs.at(t, row, rows);
-      dh += s.Own(d_t);
-    }
+    s.AddStep(dh, d_hs, t);
     MatrixMap k_t = k.at(t, row, rows), f_t = f.at(t, row, rows);
     dc.array() += dh.array() * s.Own(k_t).array();
     MatrixMap dz_t = dz.at(t, row, rows), j_t = j.at(t, row, rows);
@@ -354,10 +357,7 @@ void GruBackwardBlock(const Rows& j_in, const Rows& j_rec, const Rows& z, const 
   sum_in.setZero();
   sum_rec.setZero();
   for (int64_t t = steps - 1; t >= 0; --t) {
-    if (d_hs.present()) {
-      MatrixMap d_t = d_hs.at(t, row, rows);
-      dh += s.Own(d_t);
-    }
+    s.AddStep(dh, d_hs, t);
     MatrixMap in_t = dz_in.at(t, row, rows), rec_t = dz_rec.at(t, row, rows);
     MatrixMap j_in_t = j_in.at(t, row, rows), j_rec_t = j_rec.at(t, row, rows);
     for (int g = 0; g < 3; ++g) {
@@ -412,10 +412,7 @@ void SimpleBackwardBlock(const Rows& j, const Rows& d_hs, const Rows& dh_final,
   Eigen::Map<RowVector> sum(sums, units);
   sum.setZero();
   for (int64_t t = steps - 1; t >= 0; --t) {
-    if (d_hs.present()) {
-      MatrixMap d_t = d_hs.at(t, row, rows);
-      dh += s.Own(d_t);
-    }
+    s.AddStep(dh, d_hs, t);
     MatrixMap dz_t = dz.at(t, row, rows), j_t = j.at(t, row, rows);
     s.Own(dz_t).array() = dh.array() * s.Own(j_t).array();
     sum.segment(block.unit, block.units) += s.Own(dz_t).colwise().sum();
@@ -536,11 +533,60 @@ struct Call {
   const float* u_bias = nullptr;
 };
 
-// Checks the shapes every op shares and allocates the outputs; the kinds differ only in what
-// runs per block.
+// What the kinds differ in: how one block's share of a call maps onto the block loops above.
+// u / u_t: this block's columns of U / U^T (GateColumns); sums: its slices of the bias sums.
+using ForwardBlockFn = void (*)(const Call& call, const Rows& xw, const Matrix& u,
+                                const Block& block);
+using BackwardBlockFn = void (*)(const Call& call, const Matrix& u_t,
+                                 const std::vector<float*>& sums, const Block& block);
+
+void LstmForward(const Call& call, const Rows& xw, const Matrix& u, const Block& block) {
+  const auto& o = call.outputs;
+  LstmForwardBlock(xw, u, call.states[0], call.states[1], o[0], o[1], o[2], o[3], o[4], o[5],
+                   call.steps, call.units, block);
+}
+
+void GruForward(const Call& call, const Rows& xw, const Matrix& u, const Block& block) {
+  const auto& o = call.outputs;
+  const ConstMatrixMap u_bias(call.u_bias, 1, call.gates);
+  const RowVector u_bias_block = GateColumns(u_bias, 3, call.units, block);
+  GruForwardBlock(xw, u, u_bias_block, call.states[0], o[0], o[1], o[2], o[3], o[4], call.steps,
+                  call.units, block);
+}
+
+void SimpleForward(const Call& call, const Rows& xw, const Matrix& u, const Block& block) {
+  const auto& o = call.outputs;
+  SimpleForwardBlock(xw, u, call.states[0], o[0], o[1], o[2], call.steps, call.units, block);
+}
+
+void LstmBackward(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
+                  const Block& block) {
+  const auto& f = call.factors;
+  const auto& o = call.outputs;
+  LstmBackwardBlock(f[0], f[1], f[2], call.d_hs, call.states[0], call.states[1], u_t, o[0],
+                    sums[0], o[1], o[2], call.steps, call.units, block);
+}
+
+void GruBackward(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
+                 const Block& block) {
+  const auto& f = call.factors;
+  const auto& o = call.outputs;
+  GruBackwardBlock(f[0], f[1], f[2], call.d_hs, call.states[0], u_t, o[0], o[1], sums[0],
+                   sums[1], o[2], call.steps, call.units, block);
+}
+
+void SimpleBackward(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
+                    const Block& block) {
+  const auto& o = call.outputs;
+  SimpleBackwardBlock(call.factors[0], call.d_hs, call.states[0], u_t, o[0], sums[0], o[1],
+                      call.steps, call.units, block);
+}
+
+// Checks the shapes every op shares, allocates the outputs and runs the blocks.
 class ForwardOp : public OpKernel {
  public:
-  ForwardOp(OpKernelConstruction* context, const Kind& kind) : OpKernel(context), kind_(kind) {
+  ForwardOp(OpKernelConstruction* context, const Kind& kind, ForwardBlockFn run_block)
+      : OpKernel(context), kind_(kind), run_block_(run_block) {
     OP_REQUIRES_OK(context, context->GetAttr("with_jacobian", &with_jacobian_));
     std::string split;
     OP_REQUIRES_OK(context, context->GetAttr("split", &split));
@@ -590,63 +636,21 @@ class ForwardOp : public OpKernel {
     const Rows xw_rows(xw, batch, call.gates);
     RunBlocks(context, batch, units, MakePlan(context, steps, batch, units, split_),
               [&](const Block& block) {
-                RunBlock(call, xw_rows, GateColumns(u_map, kind_.gates, units, block), block);
+                run_block_(call, xw_rows, GateColumns(u_map, kind_.gates, units, block), block);
               });
   }
 
- protected:
-  // u: this block's columns of U (GateColumns).
-  virtual void RunBlock(const Call& call, const Rows& xw, const Matrix& u,
-                        const Block& block) const = 0;
-
+ private:
   const Kind& kind_;
+  const ForwardBlockFn run_block_;
   bool with_jacobian_ = false;
   Split split_ = Split::kAuto;
 };
 
-class LstmForwardOp : public ForwardOp {
- public:
-  explicit LstmForwardOp(OpKernelConstruction* context) : ForwardOp(context, kLstm) {}
-
- protected:
-  void RunBlock(const Call& call, const Rows& xw, const Matrix& u,
-                const Block& block) const override {
-    const auto& o = call.outputs;
-    LstmForwardBlock(xw, u, call.states[0], call.states[1], o[0], o[1], o[2], o[3], o[4], o[5],
-                     call.steps, call.units, block);
-  }
-};
-
-class GruForwardOp : public ForwardOp {
- public:
-  explicit GruForwardOp(OpKernelConstruction* context) : ForwardOp(context, kGru) {}
-
- protected:
-  void RunBlock(const Call& call, const Rows& xw, const Matrix& u,
-                const Block& block) const override {
-    const auto& o = call.outputs;
-    const ConstMatrixMap u_bias(call.u_bias, 1, call.gates);
-    const RowVector u_bias_block = GateColumns(u_bias, 3, call.units, block);
-    GruForwardBlock(xw, u, u_bias_block, call.states[0], o[0], o[1], o[2], o[3], o[4], call.steps,
-                    call.units, block);
-  }
-};
-
-class SimpleForwardOp : public ForwardOp {
- public:
-  explicit SimpleForwardOp(OpKernelConstruction* context) : ForwardOp(context, kSimple) {}
-
- protected:
-  void RunBlock(const Call& call, const Rows& xw, const Matrix& u,
-                const Block& block) const override {
-    const auto& o = call.outputs;
-    SimpleForwardBlock(xw, u, call.states[0], o[0], o[1], o[2], call.steps, call.units, block);
-  }
-};
-
 class BackwardOp : public OpKernel {
  public:
-  BackwardOp(OpKernelConstruction* context, const Kind& kind) : OpKernel(context), kind_(kind) {
+  BackwardOp(OpKernelConstruction* context, const Kind& kind, BackwardBlockFn run_block)
+      : OpKernel(context), kind_(kind), run_block_(run_block) {
     std::string split;
     OP_REQUIRES_OK(context, context->GetAttr("split", &split));
     split_ = ParseSplit(split);
@@ -706,7 +710,7 @@ class BackwardOp : public OpKernel {
     RunBlocks(context, batch, units, plan, [&](const Block& block) {
       std::vector<float*> sums;
       for (int a = 0; a < kind_.arrays; ++a) sums.push_back(slice(block.index, a));
-      RunBlock(call, GateColumns(u_t_map, 1, units, block), sums, block);
+      run_block_(call, GateColumns(u_t_map, 1, units, block), sums, block);
     });
     for (int a = 0; a < kind_.arrays; ++a) {
       Tensor* sums = Output(context, kind_.arrays + a, TensorShape({gates}));
@@ -717,56 +721,32 @@ class BackwardOp : public OpKernel {
     }
   }
 
- protected:
-  // call.outputs: the dZ arrays, then the initial-state gradients; u_t: this block's columns of
-  // U^T (its units).
-  virtual void RunBlock(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
-                        const Block& block) const = 0;
-
+ private:
   const Kind& kind_;
+  const BackwardBlockFn run_block_;
   Split split_ = Split::kAuto;
 };
 
-class LstmBackwardOp : public BackwardOp {
+// One registered kernel class per op: the shared op with its kind and block function.
+template <const Kind& kKind, ForwardBlockFn kRunBlock>
+class ForwardOpOf : public ForwardOp {
  public:
-  explicit LstmBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kLstm) {}
-
- protected:
-  void RunBlock(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
-                const Block& block) const override {
-    const auto& f = call.factors;
-    const auto& o = call.outputs;
-    LstmBackwardBlock(f[0], f[1], f[2], call.d_hs, call.states[0], call.states[1], u_t, o[0],
-                      sums[0], o[1], o[2], call.steps, call.units, block);
-  }
+  explicit ForwardOpOf(OpKernelConstruction* context) : ForwardOp(context, kKind, kRunBlock) {}
 };
 
-class GruBackwardOp : public BackwardOp {
+template <const Kind& kKind, BackwardBlockFn kRunBlock>
+class BackwardOpOf : public BackwardOp {
  public:
-  explicit GruBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kGru) {}
-
- protected:
-  void RunBlock(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
-                const Block& block) const override {
-    const auto& f = call.factors;
-    const auto& o = call.outputs;
-    GruBackwardBlock(f[0], f[1], f[2], call.d_hs, call.states[0], u_t, o[0], o[1], sums[0],
-                     sums[1], o[2], call.steps, call.units, block);
-  }
+  explicit BackwardOpOf(OpKernelConstruction* context)
+      : BackwardOp(context, kKind, kRunBlock) {}
 };
 
-class SimpleBackwardOp : public BackwardOp {
- public:
-  explicit SimpleBackwardOp(OpKernelConstruction* context) : BackwardOp(context, kSimple) {}
-
- protected:
-  void RunBlock(const Call& call, const Matrix& u_t, const std::vector<float*>& sums,
-                const Block& block) const override {
-    const auto& o = call.outputs;
-    SimpleBackwardBlock(call.factors[0], call.d_hs, call.states[0], u_t, o[0], sums[0], o[1],
-                        call.steps, call.units, block);
-  }
-};
+using LstmForwardOp = ForwardOpOf<kLstm, LstmForward>;
+using LstmBackwardOp = BackwardOpOf<kLstm, LstmBackward>;
+using GruForwardOp = ForwardOpOf<kGru, GruForward>;
+using GruBackwardOp = BackwardOpOf<kGru, GruBackward>;
+using SimpleForwardOp = ForwardOpOf<kSimple, SimpleForward>;
+using SimpleBackwardOp = BackwardOpOf<kSimple, SimpleBackward>;
 
 REGISTER_KERNEL_BUILDER(Name("TfCharrnnLstmForward").Device(DEVICE_CPU), LstmForwardOp);
 REGISTER_KERNEL_BUILDER(Name("TfCharrnnLstmBackward").Device(DEVICE_CPU), LstmBackwardOp);
