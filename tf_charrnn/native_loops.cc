@@ -248,13 +248,16 @@ void LstmForwardBlock(const Rows& xw, const Matrix& u, const Rows& h0, const Row
     const auto ti = z.leftCols(n).array(), tf = z.middleCols(n, n).array();
     const auto tg = z.middleCols(2 * n, n).array(), to = z.rightCols(n).array();
     const Array i = 0.5f * ti + 0.5f, f = 0.5f * tf + 0.5f, o = 0.5f * to + 0.5f;
-    MatrixMap j_t = j.present() ? j.at(t, row, rows) : xw_t;
-    if (j.present()) s.Gate(j_t, 1).array() = c.array() * (0.5f - 0.5f * tf.square());  // old c
+    if (j.present()) {  // the forget gate's factor takes the old c: before c is updated
+      MatrixMap j_t = j.at(t, row, rows);
+      s.Gate(j_t, 1).array() = c.array() * (0.5f - 0.5f * tf.square());
+    }
     c.array() = f * c.array() + i * tg;
     const Array tc = c.array().tanh();
     MatrixMap h_t = hs.at(t, row, rows);
     s.Own(h_t).array() = o * tc;
     if (j.present()) {
+      MatrixMap j_t = j.at(t, row, rows);
       s.Gate(j_t, 0).array() = tg * (0.5f - 0.5f * ti.square());
       s.Gate(j_t, 2).array() = i * (1.0f - tg.square());
       s.Gate(j_t, 3).array() = tc * (0.5f - 0.5f * to.square());
