@@ -121,6 +121,75 @@ def test_fused_layer_equals_keras_layer_outputs_states_and_gradients(
     _assert_all_close(grads, expected_grads, TOLERANCE[dtype])
 
 
+V = 6  # vocabulary of the id inputs: fewer ids than the B*T=15 positions, so some repeat
+
+
+def _differentiate_on_ids(layer, ids, rows, states, training=False):
+    """call_on_ids: outputs, final states and gradients w.r.t. rows (when given), initial
+    states and the three weights."""
+    sources = ([] if rows is None else [rows]) + states
+    with tf.GradientTape() as tape:
+        tape.watch(sources)
+        results = layer.call_on_ids(ids, rows, states, training=training)
+        results = list(results) if isinstance(results, (list, tuple)) else [results]
+        loss = tf.add_n([tf.reduce_sum(w * r) for w, r in zip(_loss_weights(results), results)])
+    grads = tape.gradient(loss, sources + layer.cell.trainable_weights)
+    return [r.numpy() for r in results], [tf.convert_to_tensor(g).numpy() for g in grads]
+
+
+@pytest.mark.parametrize("dtype, loops", DTYPE_LOOPS)
+@pytest.mark.parametrize("source", ["table", "one_hot"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_call_on_ids_equals_the_keras_layer_on_embedded_and_one_hot_ids(kind, source, dtype,
+                                                                        loops):
+    """The input projection read from a [V, G] table: the same outputs, states and gradients
+    (the rows' included) as Keras's layer on rows[ids] or one_hot(ids)."""
+    _needs_loops(loops, dtype)
+    width = D if source == "table" else V
+    stock_class, fused_class, n_states = KINDS[kind]
+    stock = stock_class(H, dtype=dtype, return_sequences=True, return_state=True)
+    fused = fused_class(H, dtype=dtype, return_sequences=True, return_state=True)
+    fused._fused_loops = loops
+    for layer in (stock, fused):
+        layer.build((B, T, width))
+    weights = _random_weights(stock, np.random.default_rng(0))
+    stock.set_weights(weights)
+    fused.set_weights(weights)
+    rng = np.random.default_rng(1)
+    ids = tf.constant(rng.integers(0, V, (B, T)), tf.int32)
+    rows = tf.constant(rng.standard_normal((V, D)), dtype) if source == "table" else None
+    states = [tf.constant(rng.standard_normal((B, H)), dtype) for _ in range(n_states)]
+    assert fused.accepts_ids(rows, training=False)
+
+    x = tf.gather(rows, ids) if source == "table" else tf.one_hot(ids, V, dtype=dtype)
+    expected_results, expected_grads = _run(stock, x, states)
+    if rows is not None:  # dL/dx of the stock layer carried back to the rows by the gather
+        d_x = tf.constant(expected_grads[0])
+        expected_grads[0] = tf.math.unsorted_segment_sum(
+            tf.reshape(d_x, [-1, D]), tf.reshape(ids, [-1]), V).numpy()
+    else:
+        expected_grads = expected_grads[1:]
+    results, grads = _differentiate_on_ids(fused, ids, rows, states)
+    _assert_all_close(results, expected_results, TOLERANCE[dtype])
+    _assert_all_close(grads, expected_grads, TOLERANCE[dtype])
+
+
+def test_call_on_ids_is_declined_where_the_fused_path_does_not_run():
+    """Mixed precision, a mismatched rows dtype, dropout while training, an unbuilt layer."""
+    rows = tf.zeros([V, D])
+    layer = kernels.FusedLSTM(H, return_sequences=True, return_state=True)
+    assert not layer.accepts_ids(rows)  # not built
+    layer.build((B, T, D))
+    assert layer.accepts_ids(rows) and layer.accepts_ids(None, training=True)
+    assert not layer.accepts_ids(tf.zeros([V, D], tf.float64))
+    mixed = kernels.FusedLSTM(H, dtype="mixed_bfloat16", return_sequences=True)
+    mixed.build((B, T, D))
+    assert not mixed.accepts_ids(rows)
+    dropped = kernels.FusedGRU(H, dropout=0.5, return_sequences=True)
+    dropped.build((B, T, D))
+    assert dropped.accepts_ids(rows) and not dropped.accepts_ids(rows, training=True)
+
+
 @pytest.mark.parametrize("batch", [1, 19])
 @pytest.mark.parametrize("return_sequences", [True, False])
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -366,6 +366,27 @@ def test_auto_kernel_is_fused_on_a_cpu_only_machine():
     assert resolve_kernel("keras") == "keras"
 
 
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_fused_first_layer_reads_its_input_projection_from_a_table(monkeypatch, one_hot):
+    """The fused kernel's first layer runs on the ids (kernels.fused_rnn_on_ids), the others on
+    sequences; a mixed precision model keeps the plain path. Its results are held to the
+    references by the tests above, which build models the same way."""
+    from tf_charrnn import kernels
+
+    calls = []
+    for name in ("fused_rnn", "fused_rnn_on_ids"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: (
+            calls.append(_name), _real(*a, **k))[1])
+    for precision, expected in (("float32", ["fused_rnn_on_ids", "fused_rnn"]),
+                                ("mixed_bfloat16", ["fused_rnn", "fused_rnn"])):
+        model = build_model(ModelConfig(num_layers=2, hidden_size=8, embedding_size=4,
+                                        one_hot=one_hot, precision=precision, kernel="fused"), 5)
+        calls.clear()
+        model(tf.zeros([2, 3], tf.int32), model.zero_states(2), training=True)
+        assert calls == expected, precision
+
+
 def test_summary_line_names_cell_sizes_and_parameter_count():
     model = build_model(ModelConfig(cell="gru", num_layers=2, hidden_size=8, embedding_size=4,
                                     kernel="keras"), 7)

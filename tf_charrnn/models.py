@@ -95,16 +95,30 @@ class CharRNN(keras.Model):
         mask is drawn for the global batch and sliced, so replicas that split a batch apply the
         masks one device would. Without a seed the masks are drawn from the global RNG.
         """
-        if self.one_hot:
-            x = tf.one_hot(tf.cast(ids, tf.int32), self.vocab_size,
-                           dtype=self.rnn_layers[0].compute_dtype)  # [B, T, V]
+        ids = tf.cast(ids, tf.int32)
+        first = self.rnn_layers[0]
+        embeddings = (None if self.one_hot or not self.embedding.built
+                      else self.embedding.embeddings)  # [V, E]
+        # A fused first layer reads its input projection from a [V, G] table (kernels.SOURCES):
+        # same results, without the [B, T, E] input and its three GEMMs. The first call (build
+        # time) takes the plain path, which creates the variables.
+        on_ids = (hasattr(first, "call_on_ids") and (self.one_hot or embeddings is not None)
+                  and first.accepts_ids(embeddings, training))
+        if on_ids:
+            x = None
+        elif self.one_hot:
+            x = tf.one_hot(ids, self.vocab_size, dtype=first.compute_dtype)  # [B, T, V]
         else:
-            x = self.embedding(tf.cast(ids, tf.int32))  # [B, T, E]
+            x = self.embedding(ids)  # [B, T, E]
         new_states = []
         per_layer = self.states_per_layer
         for index, layer in enumerate(self.rnn_layers):
             layer_states = list(states[index * per_layer:(index + 1) * per_layer])
-            x, *layer_states = layer(x, initial_state=layer_states, training=training)  # [B, T, H]
+            if x is None:
+                x, *layer_states = layer.call_on_ids(ids, embeddings, layer_states, training)
+            else:
+                x, *layer_states = layer(x, initial_state=layer_states, training=training)
+            # x: [B, T, H]
             new_states.extend(tf.cast(state, self.state_dtype) for state in layer_states)
             if training and self.dropout > 0:
                 x = self._dropout(x, index, dropout_seed, rows)
