@@ -175,19 +175,40 @@ def test_call_on_ids_equals_the_keras_layer_on_embedded_and_one_hot_ids(kind, so
 
 
 def test_call_on_ids_is_declined_where_the_fused_path_does_not_run():
-    """Mixed precision, a mismatched rows dtype, dropout while training, an unbuilt layer."""
+    """An unbuilt layer, a rows dtype unlike the weights', dropout while training, float16."""
     rows = tf.zeros([V, D])
     layer = kernels.FusedLSTM(H, return_sequences=True, return_state=True)
     assert not layer.accepts_ids(rows)  # not built
     layer.build((B, T, D))
     assert layer.accepts_ids(rows) and layer.accepts_ids(None, training=True)
     assert not layer.accepts_ids(tf.zeros([V, D], tf.float64))
-    mixed = kernels.FusedLSTM(H, dtype="mixed_bfloat16", return_sequences=True)
-    mixed.build((B, T, D))
-    assert not mixed.accepts_ids(rows)
+    for policy, accepted in (("mixed_bfloat16", True), ("mixed_float16", False)):
+        mixed = kernels.FusedLSTM(H, dtype=policy, return_sequences=True)
+        mixed.build((B, T, D))
+        assert mixed.accepts_ids(rows) == accepted, policy
     dropped = kernels.FusedGRU(H, dropout=0.5, return_sequences=True)
     dropped.build((B, T, D))
     assert dropped.accepts_ids(rows) and not dropped.accepts_ids(rows, training=True)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_call_on_ids_under_mixed_bfloat16_answers_in_bfloat16_close_to_float32(kind):
+    """Under mixed_bfloat16 the table is float32 (call_on_ids runs outside Keras's autocast);
+    outputs and states come back in bfloat16, as the layer's call returns them."""
+    reference, _ = _layer_pair(kind, "float32")
+    mixed = KINDS[kind][1](H, dtype="mixed_bfloat16", return_sequences=True, return_state=True)
+    mixed.build((B, T, D))
+    mixed.set_weights(reference.get_weights())
+    rng = np.random.default_rng(1)
+    ids = tf.constant(rng.integers(0, V, (B, T)), tf.int32)
+    rows = tf.constant(rng.standard_normal((V, D)), tf.float32)
+    states = [tf.constant(rng.standard_normal((B, H)), tf.float32)
+              for _ in range(KINDS[kind][2])]
+    expected_results, expected_grads = _run(reference, tf.gather(rows, ids), states)
+    results, grads = _differentiate_on_ids(mixed, ids, rows, states)
+    assert all(r.dtype.name == "bfloat16" for r in results)
+    _assert_close_in_bfloat16([r.astype(np.float32) for r in results], expected_results)
+    _assert_close_in_bfloat16(grads[1:], expected_grads[1:])  # states and weights
 
 
 @pytest.mark.parametrize("batch", [1, 19])

@@ -369,8 +369,8 @@ def test_auto_kernel_is_fused_on_a_cpu_only_machine():
 @pytest.mark.parametrize("one_hot", [False, True])
 def test_fused_first_layer_reads_its_input_projection_from_a_table(monkeypatch, one_hot):
     """The fused kernel's first layer runs on the ids (kernels.fused_rnn_on_ids), the others on
-    sequences; a mixed precision model keeps the plain path. Its results are held to the
-    references by the tests above, which build models the same way."""
+    sequences, in float32 and mixed_bfloat16; mixed_float16 runs Keras's loops. Its results are
+    held to the references by the tests above, which build models the same way."""
     from tf_charrnn import kernels
 
     calls = []
@@ -379,7 +379,8 @@ def test_fused_first_layer_reads_its_input_projection_from_a_table(monkeypatch, 
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: (
             calls.append(_name), _real(*a, **k))[1])
     for precision, expected in (("float32", ["fused_rnn_on_ids", "fused_rnn"]),
-                                ("mixed_bfloat16", ["fused_rnn", "fused_rnn"])):
+                                ("mixed_bfloat16", ["fused_rnn_on_ids", "fused_rnn"]),
+                                ("mixed_float16", [])):
         model = build_model(ModelConfig(num_layers=2, hidden_size=8, embedding_size=4,
                                         one_hot=one_hot, precision=precision, kernel="fused"), 5)
         calls.clear()

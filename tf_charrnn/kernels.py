@@ -23,7 +23,10 @@ How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, ti
             projection is read from a [V, G] table, E W + b (or W + b): xw is a gather of its
             rows, and backward the rows of dZ summed per id give dTable, then dKernel = E^T
             dTable and dE = dTable W^T; no [B, T, E] input is formed (lecture size: the whole
-            train step 1.15x the GEMM path, GRU 1.14x, medium 1.04x).
+            train step 1.15x the GEMM path, GRU 1.14x, medium 1.04x). Under mixed_bfloat16
+            the table and its gradients are float32 (call_on_ids runs outside Keras's
+            autocast). Summing dZ per id with XLA's scatter (0.5 ms against TensorFlow's 1.2
+            ms at lecture size, on its own) left the whole step within noise: not kept.
   Sigmoid gates are 0.5 + 0.5 tanh(z / 2) with the halving folded into the weight columns (an
   exact power-of-two scaling), so one tanh covers every gate of a step.
   The loops, fastest first (`choose_loops`; the big GEMMs stay on TensorFlow's oneDNN matmul):
@@ -631,28 +634,31 @@ class _FusedInnerLoop:
 
     def accepts_ids(self, rows, training=False):
         """Whether call_on_ids can stand in for calling this layer on rows[ids] (rows [V, D], an
-        embedding matrix) or on one_hot(ids) (rows None): a built layer on the fused path, with
-        no mixed precision policy (compute dtype = variable dtype = the rows' dtype)."""
-        dtype = tf.as_dtype(self.compute_dtype)
-        return (self.built and not self._cudnn_preferred()
-                and tf.as_dtype(self.variable_dtype) == dtype
+        embedding matrix) or on one_hot(ids) (rows None): a built layer on the fused path whose
+        rows and weights share a dtype. Under a mixed_bfloat16 policy call_on_ids runs outside
+        Keras's autocast, so the table and its gradient are float32 where the input GEMM would
+        have been bfloat16; float16 runs Keras's loop, as in inner_loop."""
+        if not self.built or self._cudnn_preferred():
+            return False
+        dtype = tf.as_dtype(self.cell.kernel.dtype)
+        return (tf.as_dtype(self.compute_dtype) in LOOP_DTYPES
                 and (rows is None or tf.as_dtype(rows.dtype) == dtype)
                 and self._cell_supported(dtype, _training_flag(training)))
 
     def call_on_ids(self, ids, rows, initial_state, training=False):
         """self(rows[ids] or one_hot(ids), initial_state, training=training) for ids [B, T]
         without forming that input (fused_rnn_on_ids: its projection is a [V, G] table); where
-        accepts_ids(rows, training). Returns what the call would: the outputs (all steps or the
-        last, as return_sequences says), then the final states when return_state."""
+        accepts_ids(rows, training). Returns what the call would, in the compute dtype: the
+        outputs (all steps or the last, as return_sequences says), then the final states when
+        return_state."""
         cell = self.cell
-        states = [tf.convert_to_tensor(state, self.compute_dtype) for state in initial_state]
+        states = [tf.cast(state, self.compute_dtype) for state in initial_state]  # as RNN.call
         outputs, states = fused_rnn_on_ids(
             self._fused_kind, ids, rows, states, cell.kernel, cell.recurrent_kernel, cell.bias,
             return_sequences=self.return_sequences, training=_training_flag(training),
             loops=self._fused_loops,
         )
-        if outputs is None:
-            outputs = states[0]
+        outputs = tf.cast(states[0] if outputs is None else outputs, self.compute_dtype)
         return (outputs, *states) if self.return_state else outputs
 
 
