@@ -241,7 +241,8 @@ def measure_preprocess(megabytes):
 
 
 def measure_val_loss(config, budget_seconds, corpus_path):
-    """Validation loss after budget_seconds of training from scratch (90/10 split)."""
+    """Validation loss after budget_seconds of training from scratch (90/10 split). The time
+    budget is what stops the run, not the recipe's epoch count (the PyTorch peer has none)."""
     from tf_charrnn.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,11 +251,13 @@ def measure_val_loss(config, budget_seconds, corpus_path):
         corpus.write_bytes(Path(corpus_path).read_bytes())
         config = apply_overrides(config, [
             ("data", "corpus", str(corpus)), ("data", "val_fraction", 0.1),
-            ("train", "max_seconds", float(budget_seconds)), ("train", "runs_dir", tmp),
+            ("train", "max_seconds", float(budget_seconds)), ("train", "epochs", 10 ** 6),
+            ("train", "runs_dir", tmp),
             ("train", "eval_every", 10 ** 9), ("train", "sample_every", 10 ** 9),
             ("train", "checkpoint_every", 10 ** 9), ("train", "log_every", 10 ** 9)])
         result = train(config, run_name="bench", log=lambda *a: None, show_progress=False)
-    return {"val_loss_at_budget": result.val_loss, "steps_at_budget": result.step}
+    return {"val_loss_at_budget": result.val_loss, "steps_at_budget": result.step,
+            "epochs_at_budget": result.epoch}
 
 
 def run_torch_peer(recipe, seconds, val_budget, corpus_path):
