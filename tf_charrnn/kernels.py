@@ -631,7 +631,6 @@ class _FusedInnerLoop:
             outputs = last_output[:, None, :]
         return last_output, outputs, states
 
-
     def accepts_ids(self, rows, training=False):
         """Whether call_on_ids can stand in for calling this layer on rows[ids] (rows [V, D], an
         embedding matrix) or on one_hot(ids) (rows None): a built layer on the fused path whose

@@ -100,8 +100,8 @@ class CharRNN(keras.Model):
         embeddings = (None if self.one_hot or not self.embedding.built
                       else self.embedding.embeddings)  # [V, E]
         # A fused first layer reads its input projection from a [V, G] table (kernels.SOURCES):
-        # same results, without the [B, T, E] input and its three GEMMs. The first call (build
-        # time) takes the plain path, which creates the variables.
+        # same results, without the [B, T, E] input and its three GEMMs. Keras's build pass
+        # (the first call, layers not yet built) takes the plain path, which creates them.
         on_ids = (hasattr(first, "call_on_ids") and (self.one_hot or embeddings is not None)
                   and first.accepts_ids(embeddings, training))
         if on_ids:
