@@ -402,6 +402,15 @@ def _loops(kind, loops):
     return functions
 
 
+def input_table(w_kernel, w_bias, rows=None, dtype=tf.float32):
+    """The first layer's input projection for every character, [V, G] in dtype: rows W + b
+    for an embedding matrix rows [V, D], W + b for a one-hot input (rows None). w_kernel and
+    w_bias as a cell math's `prepare` returns them. Training (source "table"/"one_hot" below)
+    and the sampler's step both read their xw rows from it."""
+    projected = w_kernel if rows is None else tf.matmul(rows, w_kernel)
+    return tf.nn.bias_add(tf.cast(projected, dtype), w_bias)
+
+
 # How a layer's input reaches the loops (_fused_function's `source`):
 #   dense    x [T, B, D]: xw = x W + b, one GEMM; backward dX = dZ W^T and dKernel = X^T dZ.
 #   table    ids [T, B] into rows [V, D] (an embedding matrix): x_t W is row ids_t of the
@@ -451,8 +460,9 @@ def _fused_function(kind, loops, return_sequences, training, source="dense"):
             xw = tf.reshape(xw, [n_steps, batch, g])
         else:
             ids_tm = inputs[0]  # [T, B]
-            rows_w = w_kernel if source == "one_hot" else tf.matmul(inputs[1], w_kernel)
-            xw = tf.gather(tf.nn.bias_add(to_loop(rows_w), w_bias), ids_tm)  # [T, B, G]
+            table = input_table(w_kernel, w_bias, inputs[1] if source == "table" else None,
+                                loop_dtype)  # [V, G]
+            xw = tf.gather(table, ids_tm)  # [T, B, G]
         if training:
             hs, states, jacs = forward_with_jacobian(xw, loop_states0, consts)
         else:
@@ -469,8 +479,7 @@ def _fused_function(kind, loops, return_sequences, training, source="dense"):
                 dx = tf.matmul(dz_in2, w_kernel, transpose_b=True)
                 return (tf.reshape(dx, tf.shape(x_tm)),), d_kernel
             d_table = tf.math.unsorted_segment_sum(
-                dz_in2, tf.reshape(ids_tm, [-1]), w_kernel.shape[0] if source == "one_hot"
-                else tf.shape(inputs[1])[0])  # [V, G], summed in the loop dtype
+                dz_in2, tf.reshape(ids_tm, [-1]), tf.shape(table)[0])  # [V, G], loop dtype
             if source == "one_hot":
                 return (None,), d_table
             rows = inputs[1]

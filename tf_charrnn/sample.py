@@ -126,7 +126,7 @@ def prepare_step(model):
     layer (input kernel, input bias, the math's per-step constants)), the first layer's input
     kernel and bias folded into one [V, G] table (bias None). Call it once per chunk, outside
     the loop."""
-    from tf_charrnn.kernels import _MATHS
+    from tf_charrnn.kernels import _MATHS, input_table
 
     math = _MATHS[_CELL_KINDS[model.cell]]
     layers = []
@@ -137,9 +137,8 @@ def prepare_step(model):
         _, w_kernel, w_bias, consts = math.prepare(kernel, recurrent, bias)
         if index == 0:
             # A one-hot input times the kernel is a row of it; an embedded one, a row of E W.
-            rows = w_kernel if model.one_hot else tf.matmul(
-                tf.cast(model.embedding.embeddings, tf.float32), w_kernel)
-            layers.append((rows + w_bias, None, consts))  # [V, G]
+            rows = None if model.one_hot else tf.cast(model.embedding.embeddings, tf.float32)
+            layers.append((input_table(w_kernel, w_bias, rows), None, consts))  # [V, G]
         else:
             layers.append((w_kernel, w_bias, consts))
     return math, tuple(layers)
