@@ -354,6 +354,15 @@ def _native_backward_loop(kind, jacs, d_hs, d_final, u_kernel_t, split="auto"):
             tuple(results[2 * n_arrays:]))
 
 
+def _sum_by_id(values, ids, rows, loops):
+    """[rows, G]: row v the sum of the rows of values [N, G] whose id is v. With the native
+    loops, their op (both cores); else TensorFlow's single-threaded unsorted_segment_sum."""
+    if loops == "native" and values.dtype == tf.float32:
+        return native.library().tf_charrnn_sum_by_id(values, tf.cast(ids, tf.int32),
+                                                     tf.cast(rows, tf.int32))
+    return tf.math.unsorted_segment_sum(values, ids, rows)
+
+
 LOOPS = ("native", "xla", "plain")
 _portable = threading.local()
 
@@ -478,8 +487,8 @@ def _fused_function(kind, loops, return_sequences, training, source="dense"):
                 d_kernel = tf.matmul(x2, dz_in2, transpose_a=True)
                 dx = tf.matmul(dz_in2, w_kernel, transpose_b=True)
                 return (tf.reshape(dx, tf.shape(x_tm)),), d_kernel
-            d_table = tf.math.unsorted_segment_sum(
-                dz_in2, tf.reshape(ids_tm, [-1]), tf.shape(table)[0])  # [V, G], loop dtype
+            d_table = _sum_by_id(dz_in2, tf.reshape(ids_tm, [-1]), tf.shape(table)[0],
+                                 loops)  # [V, G], loop dtype
             if source == "one_hot":
                 return (None,), d_table
             rows = inputs[1]
