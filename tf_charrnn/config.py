@@ -73,7 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 5
     log_every: int = 20                  # TensorBoard scalars and the progress line
     loss_smoothing: float = 0.0          # >0: also report min-char-rnn's smoothed chunk loss
-    steps_per_call: int = 1              # train steps run inside one compiled call
+    steps_per_call: int = 10             # train steps run inside one compiled call
     jit_compile: bool = False
     strategy: str = "auto"
     runs_dir: str = "runs"
