@@ -48,7 +48,6 @@ using tensorflow::shape_inference::InferenceContext;
 using tensorflow::shape_inference::ShapeHandle;
 
 using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using Array = Eigen::Array<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using RowVector = Eigen::Matrix<float, 1, Eigen::Dynamic>;
 using MatrixMap = Eigen::Map<Matrix>;
 using ConstMatrixMap = Eigen::Map<const Matrix>;
@@ -316,11 +315,56 @@ struct Slicer {
 // backward pass: j [T,B,G], k [T,B,H], f [T,B,H], with dZ = [dc, dc, dc, dh] * j and
 // dc = dc_next + dh * k.
 
+// One row's LSTM gate math on `len` (at most 16) of its units, in registers, in one pass: z and
+// xw hold the four gates' pre-activations (h U and x W + b, gate g at z + g * z_gate, xw + g *
+// xw_gate); writes c, h and, when j is not null, the factors j (gate g at j + g * j_gate), k, f.
+// A: 16 lanes (one AVX-512 register) or, for the last units of a row, up to 16.
+using Lanes = Eigen::Array<float, 16, 1>;
+using FewerLanes = Eigen::Array<float, Eigen::Dynamic, 1, Eigen::ColMajor, 16, 1>;
+
+// Calls cell(r, first, len, lanes) for each of a block's rows r and its n units in chunks of
+// 16 from `first`: lanes a Lanes, or a FewerLanes for a row's last len < 16 units.
+template <typename Cell>
+inline void ForEachChunk(int64_t rows, int64_t n, Cell cell) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t first = 0; first < n; first += 16) {
+      const int64_t len = std::min<int64_t>(16, n - first);
+      len == 16 ? cell(r, first, len, Lanes()) : cell(r, first, len, FewerLanes());
+    }
+  }
+}
+
+template <typename A>
+inline void LstmCell(const float* z, int64_t z_gate, const float* xw, int64_t xw_gate, float* c,
+                     float* h, float* j, int64_t j_gate, float* k, float* f_out, int64_t len) {
+  using In = Eigen::Map<const A>;
+  using Out = Eigen::Map<A>;
+  const A ti = (In(z, len) + In(xw, len)).tanh();
+  const A tf = (In(z + z_gate, len) + In(xw + xw_gate, len)).tanh();
+  const A tg = (In(z + 2 * z_gate, len) + In(xw + 2 * xw_gate, len)).tanh();
+  const A to = (In(z + 3 * z_gate, len) + In(xw + 3 * xw_gate, len)).tanh();
+  const A i = 0.5f * ti + 0.5f, f = 0.5f * tf + 0.5f, o = 0.5f * to + 0.5f;
+  Out c_now(c, len);
+  if (j != nullptr) {  // the forget gate's factor takes the old c: before c is updated
+    Out(j + j_gate, len) = c_now * (0.5f - 0.5f * tf.square());
+  }
+  c_now = f * c_now + i * tg;
+  const A tc = c_now.tanh();
+  Out(h, len) = o * tc;
+  if (j != nullptr) {
+    Out(j, len) = tg * (0.5f - 0.5f * ti.square());
+    Out(j + 2 * j_gate, len) = i * (1.0f - tg.square());
+    Out(j + 3 * j_gate, len) = tc * (0.5f - 0.5f * to.square());
+    Out(k, len) = o * (1.0f - tc.square());
+    Out(f_out, len) = f;
+  }
+}
+
 void LstmForwardBlock(const Rows& xw, const Matrix& u, const Rows& h0, const Rows& c0,
                       const Rows& hs, const Rows& h_out, const Rows& c_out, const Rows& j,
                       const Rows& k, const Rows& f_out, int64_t steps, int64_t units,
                       const Block& block) {
-  const int64_t rows = block.rows, n = block.units, row = block.row;
+  const int64_t rows = block.rows, n = block.units, row = block.row, gates = 4 * units;
   const Slicer s{units, block};
   Matrix z(rows, 4 * n);
   MatrixMap c0_rows = c0.at(0, row, rows);
@@ -328,29 +372,17 @@ void LstmForwardBlock(const Rows& xw, const Matrix& u, const Rows& h0, const Row
   for (int64_t t = 0; t < steps; ++t) {
     MatrixMap h_prev = t ? hs.at(t - 1, row, rows) : h0.at(0, row, rows);
     Product(h_prev, u, z, false);
-    MatrixMap xw_t = xw.at(t, row, rows);
-    for (int g = 0; g < 4; ++g) z.middleCols(g * n, n) += s.Gate(xw_t, g);
-    z = z.array().tanh().matrix();
-    const auto ti = z.leftCols(n).array(), tf = z.middleCols(n, n).array();
-    const auto tg = z.middleCols(2 * n, n).array(), to = z.rightCols(n).array();
-    const Array i = 0.5f * ti + 0.5f, f = 0.5f * tf + 0.5f, o = 0.5f * to + 0.5f;
-    if (j.present()) {  // the forget gate's factor takes the old c: before c is updated
-      MatrixMap j_t = j.at(t, row, rows);
-      s.Gate(j_t, 1).array() = c.array() * (0.5f - 0.5f * tf.square());
-    }
-    c.array() = f * c.array() + i * tg;
-    const Array tc = c.array().tanh();
-    MatrixMap h_t = hs.at(t, row, rows);
-    s.Own(h_t).array() = o * tc;
-    if (j.present()) {
-      MatrixMap j_t = j.at(t, row, rows);
-      s.Gate(j_t, 0).array() = tg * (0.5f - 0.5f * ti.square());
-      s.Gate(j_t, 2).array() = i * (1.0f - tg.square());
-      s.Gate(j_t, 3).array() = tc * (0.5f - 0.5f * to.square());
-      MatrixMap k_t = k.at(t, row, rows), f_t = f_out.at(t, row, rows);
-      s.Own(k_t).array() = o * (1.0f - tc.square());
-      s.Own(f_t).array() = f;
-    }
+    const float* xw_t = xw.at(t, row, rows).data();
+    float* h_t = hs.at(t, row, rows).data();
+    float* j_t = j.present() ? j.at(t, row, rows).data() : nullptr;
+    float* k_t = j.present() ? k.at(t, row, rows).data() : nullptr;
+    float* f_t = j.present() ? f_out.at(t, row, rows).data() : nullptr;
+    ForEachChunk(rows, n, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
+      const int64_t own = r * units + block.unit + first, gate = r * gates + block.unit + first;
+      LstmCell<decltype(lanes)>(z.data() + r * 4 * n + first, n, xw_t + gate, units,
+                                c.data() + r * n + first, h_t + own, j_t ? j_t + gate : nullptr,
+                                units, k_t ? k_t + own : nullptr, f_t ? f_t + own : nullptr, len);
+    });
     block.Sync();  // h_t complete before any block reads it
   }
   MatrixMap h_last = steps ? hs.at(steps - 1, row, rows) : h0.at(0, row, rows);
@@ -394,39 +426,60 @@ void LstmBackwardBlock(const Rows& j, const Rows& k, const Rows& f, const Rows& 
 // j_rec [T,B,G] and z [T,B,H]: dZ_in = [dh, dh, dh] * j_in, dZ_rec = [dh, dh, dh] * j_rec,
 // dh_prev = dh * z + dZ_rec U^T.
 
+// One row's GRU gate math on `len` (at most 16) of its units, one pass: hu and xw the three gates'
+// h U and x W + b (gate g at + g * hu_gate / xw_gate), u_bias the recurrent bias of hu's columns,
+// h_prev this row's units of h_{t-1}; writes h and, when j_in is not null, the factors j_in, j_rec
+// (gate g at + g * j_gate) and z.
+template <typename A>
+inline void GruCell(const float* hu, int64_t hu_gate, const float* u_bias, const float* xw,
+                    int64_t xw_gate, const float* h_prev, float* h, float* j_in, float* j_rec,
+                    int64_t j_gate, float* z_out, int64_t len) {
+  using In = Eigen::Map<const A>;
+  using Out = Eigen::Map<A>;
+  const A hu_z = In(hu, len) + In(u_bias, len);
+  const A hu_r = In(hu + hu_gate, len) + In(u_bias + hu_gate, len);
+  const A hu_h = In(hu + 2 * hu_gate, len) + In(u_bias + 2 * hu_gate, len);
+  const A tz = (In(xw, len) + hu_z).tanh();
+  const A tr = (In(xw + xw_gate, len) + hu_r).tanh();
+  const A z = 0.5f * tz + 0.5f, r = 0.5f * tr + 0.5f;
+  const A hh = (In(xw + 2 * xw_gate, len) + r * hu_h).tanh();
+  const A h_minus = In(h_prev, len) - hh;
+  Out(h, len) = hh + z * h_minus;
+  if (j_in != nullptr) {
+    const A k_h = (1.0f - z) * (1.0f - hh.square());
+    const A k_r = k_h * hu_h * (0.5f - 0.5f * tr.square());
+    const A k_z = h_minus * (0.5f - 0.5f * tz.square());
+    Out(j_in, len) = k_z;
+    Out(j_in + j_gate, len) = k_r;
+    Out(j_in + 2 * j_gate, len) = k_h;
+    Out(j_rec, len) = k_z;
+    Out(j_rec + j_gate, len) = k_r;
+    Out(j_rec + 2 * j_gate, len) = k_h * r;
+    Out(z_out, len) = z;
+  }
+}
+
 void GruForwardBlock(const Rows& xw, const Matrix& u, const RowVector& u_bias, const Rows& h0,
                      const Rows& hs, const Rows& h_out, const Rows& j_in, const Rows& j_rec,
                      const Rows& z_out, int64_t steps, int64_t units, const Block& block) {
-  const int64_t rows = block.rows, n = block.units, row = block.row;
+  const int64_t rows = block.rows, n = block.units, row = block.row, gates = 3 * units;
   const Slicer s{units, block};
   Matrix hu(rows, 3 * n);
   for (int64_t t = 0; t < steps; ++t) {
     MatrixMap h_prev = t ? hs.at(t - 1, row, rows) : h0.at(0, row, rows);
     Product(h_prev, u, hu, false);
-    hu.rowwise() += u_bias;
-    MatrixMap xw_t = xw.at(t, row, rows);
-    const Array tz = (s.Gate(xw_t, 0) + hu.leftCols(n)).array().tanh();
-    const Array tr = (s.Gate(xw_t, 1) + hu.middleCols(n, n)).array().tanh();
-    const Array z = 0.5f * tz + 0.5f, r = 0.5f * tr + 0.5f;
-    const auto hu_h = hu.rightCols(n).array();
-    const Array hh = (s.Gate(xw_t, 2).array() + r * hu_h).tanh();
-    const Array h_minus = s.Own(h_prev).array() - hh;
-    MatrixMap h_t = hs.at(t, row, rows);
-    s.Own(h_t).array() = hh + z * h_minus;
-    if (j_in.present()) {
-      const Array k_h = (1.0f - z) * (1.0f - hh.square());
-      const Array k_r = k_h * hu_h * (0.5f - 0.5f * tr.square());
-      const Array k_z = h_minus * (0.5f - 0.5f * tz.square());
-      MatrixMap in_t = j_in.at(t, row, rows), rec_t = j_rec.at(t, row, rows);
-      MatrixMap z_t = z_out.at(t, row, rows);
-      s.Gate(in_t, 0).array() = k_z;
-      s.Gate(in_t, 1).array() = k_r;
-      s.Gate(in_t, 2).array() = k_h;
-      s.Gate(rec_t, 0).array() = k_z;
-      s.Gate(rec_t, 1).array() = k_r;
-      s.Gate(rec_t, 2).array() = k_h * r;
-      s.Own(z_t).array() = z;
-    }
+    const float* xw_t = xw.at(t, row, rows).data();
+    float* h_t = hs.at(t, row, rows).data();
+    float* in_t = j_in.present() ? j_in.at(t, row, rows).data() : nullptr;
+    float* rec_t = j_in.present() ? j_rec.at(t, row, rows).data() : nullptr;
+    float* z_t = j_in.present() ? z_out.at(t, row, rows).data() : nullptr;
+    ForEachChunk(rows, n, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
+      const int64_t own = r * units + block.unit + first, gate = r * gates + block.unit + first;
+      GruCell<decltype(lanes)>(hu.data() + r * 3 * n + first, n, u_bias.data() + first,
+                               xw_t + gate, units, h_prev.data() + own, h_t + own,
+                               in_t ? in_t + gate : nullptr, rec_t ? rec_t + gate : nullptr,
+                               units, z_t ? z_t + own : nullptr, len);
+    });
     block.Sync();
   }
   MatrixMap h_last = steps ? hs.at(steps - 1, row, rows) : h0.at(0, row, rows);
