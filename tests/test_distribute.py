@@ -36,7 +36,8 @@ TINY = [("data", "batch_size", 4), ("data", "seq_length", 8), ("model", "num_lay
         ("model", "dropout", 0.3),
         ("train", "learning_rate", 0.05), ("train", "eval_every", 1000),
         ("train", "sample_every", 1000), ("train", "checkpoint_every", 1000),
-        ("train", "log_every", 1000), ("data", "val_fraction", 0.0)]
+        ("train", "log_every", 1000), ("data", "val_fraction", 0.0),
+        ("train", "steps_per_call", 1)]  # one step a call: the children record each step
 
 
 # Replicas sum their partial gradients in another order than one device does, and Adam divides
