@@ -68,6 +68,10 @@ struct Rows {
   MatrixMap at(int64_t t, int64_t row, int64_t rows) const {
     return MatrixMap(data + (t * batch + row) * width, rows, width);
   }
+  // Row `row` of step t from `column` on; null when the tensor is absent (empty).
+  float* Row(int64_t t, int64_t row, int64_t column) const {
+    return present() ? data + (t * batch + row) * width + column : nullptr;
+  }
 };
 
 // Threads that all run at once meet here once per time step (the "units" split).
@@ -366,7 +370,7 @@ void LstmForwardBlock(const Rows& xw, const Matrix& u, const Rows& h0, const Row
                       const Rows& hs, const Rows& h_out, const Rows& c_out, const Rows& j,
                       const Rows& k, const Rows& f_out, int64_t steps, int64_t units,
                       const Block& block) {
-  const int64_t rows = block.rows, n = block.units, row = block.row, gates = 4 * units;
+  const int64_t rows = block.rows, n = block.units, row = block.row;
   const Slicer s{units, block};
   Matrix z(rows, 4 * n);
   MatrixMap c0_rows = c0.at(0, row, rows);
@@ -374,16 +378,12 @@ void LstmForwardBlock(const Rows& xw, const Matrix& u, const Rows& h0, const Row
   for (int64_t t = 0; t < steps; ++t) {
     MatrixMap h_prev = t ? hs.at(t - 1, row, rows) : h0.at(0, row, rows);
     Product(h_prev, u, z, false);
-    const float* xw_t = xw.at(t, row, rows).data();
-    float* h_t = hs.at(t, row, rows).data();
-    float* j_t = j.present() ? j.at(t, row, rows).data() : nullptr;
-    float* k_t = j.present() ? k.at(t, row, rows).data() : nullptr;
-    float* f_t = j.present() ? f_out.at(t, row, rows).data() : nullptr;
     ForEachChunk(rows, n, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
-      const int64_t own = r * units + block.unit + first, gate = r * gates + block.unit + first;
-      LstmCell<decltype(lanes)>(z.data() + r * 4 * n + first, n, xw_t + gate, units,
-                                c.data() + r * n + first, h_t + own, j_t ? j_t + gate : nullptr,
-                                units, k_t ? k_t + own : nullptr, f_t ? f_t + own : nullptr, len);
+      const int64_t i = row + r, column = block.unit + first;
+      LstmCell<decltype(lanes)>(z.data() + r * 4 * n + first, n, xw.Row(t, i, column), units,
+                                c.data() + r * n + first, hs.Row(t, i, column),
+                                j.Row(t, i, column), units, k.Row(t, i, column),
+                                f_out.Row(t, i, column), len);
     });
     block.Sync();  // h_t complete before any block reads it
   }
@@ -464,23 +464,19 @@ inline void GruCell(const float* hu, int64_t hu_gate, const float* u_bias, const
 void GruForwardBlock(const Rows& xw, const Matrix& u, const RowVector& u_bias, const Rows& h0,
                      const Rows& hs, const Rows& h_out, const Rows& j_in, const Rows& j_rec,
                      const Rows& z_out, int64_t steps, int64_t units, const Block& block) {
-  const int64_t rows = block.rows, n = block.units, row = block.row, gates = 3 * units;
+  const int64_t rows = block.rows, n = block.units, row = block.row;
   const Slicer s{units, block};
   Matrix hu(rows, 3 * n);
   for (int64_t t = 0; t < steps; ++t) {
     MatrixMap h_prev = t ? hs.at(t - 1, row, rows) : h0.at(0, row, rows);
     Product(h_prev, u, hu, false);
-    const float* xw_t = xw.at(t, row, rows).data();
-    float* h_t = hs.at(t, row, rows).data();
-    float* in_t = j_in.present() ? j_in.at(t, row, rows).data() : nullptr;
-    float* rec_t = j_in.present() ? j_rec.at(t, row, rows).data() : nullptr;
-    float* z_t = j_in.present() ? z_out.at(t, row, rows).data() : nullptr;
     ForEachChunk(rows, n, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
-      const int64_t own = r * units + block.unit + first, gate = r * gates + block.unit + first;
+      const int64_t i = row + r, column = block.unit + first;
       GruCell<decltype(lanes)>(hu.data() + r * 3 * n + first, n, u_bias.data() + first,
-                               xw_t + gate, units, h_prev.data() + own, h_t + own,
-                               in_t ? in_t + gate : nullptr, rec_t ? rec_t + gate : nullptr,
-                               units, z_t ? z_t + own : nullptr, len);
+                               xw.Row(t, i, column), units,
+                               t ? hs.Row(t - 1, i, column) : h0.Row(0, i, column),
+                               hs.Row(t, i, column), j_in.Row(t, i, column),
+                               j_rec.Row(t, i, column), units, z_out.Row(t, i, column), len);
     });
     block.Sync();
   }
