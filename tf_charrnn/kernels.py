@@ -356,7 +356,7 @@ def _native_backward_loop(kind, jacs, d_hs, d_final, u_kernel_t, split="auto"):
 
 def _sum_by_id(values, ids, rows, loops):
     """[rows, G]: row v the sum of the rows of values [N, G] whose id is v. With the native
-    loops, their op (both cores); else TensorFlow's single-threaded unsorted_segment_sum."""
+    loops, their op (both cores); else TensorFlow's unsorted_segment_sum."""
     if loops == "native" and values.dtype == tf.float32:
         return native.library().tf_charrnn_sum_by_id(values, tf.cast(ids, tf.int32),
                                                      tf.cast(rows, tf.int32))
