@@ -86,6 +86,23 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_steps_per_call_does_not_change_what_is_trained(tiny_corpus, tmp_path):
+    """K steps a compiled call (the default is 10) against one a call: the same losses, dropout
+    masks and weights."""
+    results = {}
+    for k in (1, 4):
+        overrides = [("model", "dropout", 0.3), ("train", "seed", 3),
+                     ("train", "steps_per_call", k), ("train", "max_steps", 9),
+                     ("train", "log_every", 1000), ("train", "eval_every", 1000),
+                     ("train", "checkpoint_every", 1000)]  # calls cut by K and the epochs only
+        results[k] = train(tiny_config(tiny_corpus, tmp_path / f"k{k}", *overrides),
+                           run_name="r")
+    assert results[1].step == results[4].step == 9
+    np.testing.assert_allclose(results[4].losses, results[1].losses, rtol=1e-5)
+    for a, b in zip(model_weights(results[1].run_path)[0], model_weights(results[4].run_path)[0]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
 def test_state_is_carried_within_an_epoch_and_reset_at_each_epoch(tiny_corpus, tmp_path):
     config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 3))
     result = train(config, run_name="s")
