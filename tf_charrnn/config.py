@@ -46,7 +46,7 @@ class ModelConfig:
     hidden_size: int = 128
     one_hot: bool = False                # one-hot input, no embedding (the min-char-rnn model)
     embedding_size: int = 128            # must be 0 when one_hot is true
-    dropout: float = 0.0                 # between layers, training only
+    dropout: float = 0.0                 # on each layer's output, training only
     precision: str = "float32"
     kernel: str = "auto"                 # auto: fused CPU kernel on CPU, Keras (cuDNN) on GPU
 
