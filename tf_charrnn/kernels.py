@@ -32,7 +32,7 @@ How the recurrence is computed (`fused_rnn`, one tf.custom_gradient function, ti
   The loops, fastest first (`choose_loops`; the big GEMMs stay on TensorFlow's oneDNN matmul):
     native  C++ ops (native_loops.cc, compiled on first use by native.py): the batch rows (or,
             from 512 units, the units) split into one block per core, each core running the
-            whole time loop over its block with an Eigen GEMM per step; float32 loops only;
+            whole time loop over its block with one small GEMM per step; float32 loops only;
             never inside an XLA computation nor in graphs traced under `portable_loops()` (the
             exported SavedModel must load without this package).
     xla     tf.while_loops compiled with XLA (jit_compile=True) where the TensorFlow build can
@@ -67,8 +67,11 @@ GRU 1.10x.
 With the XLA loops the fused LSTM reached about 73 GFLOP/s at lecture size, XLA's CPU dot on the
 per-step [50, 128] x [128, 512] product being the bottleneck. The native LSTM loop costs about
 40 us a step for a block of 25 rows (44 with the factors written) where a bare Eigen loop of
-the same GEMM and gates, on data that stays in cache, takes 29-33 us; -ffast-math did not close
-that gap, and where the rest goes is not pinned down. Variants tried on prototypes and dropped,
+the same GEMM and gates, on data that stays in cache, took 29-33 us; -ffast-math did not close
+that gap. Most of it was Eigen's: its product repacked U on every step, and its gate math ran
+as a dozen passes over the block; register tiles over U and a one-pass forward cell made the
+forward loops 1.29x (LSTM) and 1.42x (GRU) faster at lecture size
+(benchmarks/native_loops_micro.py). Variants tried on prototypes and dropped,
 each timed against its rival in the same run:
   - Python-unrolled loops of TensorFlow ops (static T, per-step tensors kept, no stacking): no
     faster than Keras at lecture size (0.98-1.10x).

@@ -8,8 +8,9 @@
 //
 // Each thread runs the whole time loop over one block of the state, in one of two ways:
 //   rows   Batch rows never interact, so the rows are split between the threads and no thread
-//          waits for another. Per step a block does one small GEMM [rows, H] x [H, G] (Eigen,
-//          in this thread) and the gate math on data that stays in cache.
+//          waits for another. Per step a block does one small GEMM [rows, H] x [H, G] (Product:
+//          AVX-512 register tiles, else Eigen; in this thread) and the gate math on data that
+//          stays in cache.
 //   units  For wide layers (H >= 512) the units are split instead: each thread keeps its own
 //          columns of every gate of U (its share of U, which then stays in its cache rather
 //          than every thread streaming all of U each step) and the GEMM keeps all the rows,
@@ -17,6 +18,8 @@
 //          meet at a barrier once per step; they are started per call (not taken from
 //          TensorFlow's pool, whose threads may be busy elsewhere and would leave a barrier
 //          waiting).
+// One more op, TfCharrnnSumById, sums the first layer's gate gradients per character id (the
+// table source's dTable in kernels.py).
 
 #include <algorithm>
 #include <atomic>
