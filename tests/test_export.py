@@ -67,7 +67,7 @@ def test_exported_generate_is_the_sampler_loop(jit_compile):
     vocab = Vocab(CHARS)
     model = tiny_model(vocab)
     module = ExportedGenerator(model, vocab, jit_compile=jit_compile, chunk_length=16)
-    sampler = Generator(model, vocab, jit_compile=jit_compile)
+    sampler = Generator(model, vocab, loops="xla" if jit_compile else "plain")
     assert generate(module, "ab c", 40, 0.8, 5) == sampler.generate("ab c", 40, temperature=0.8,
                                                                      seed=5)
     assert generate(module, "aQb", 10, seed=1) == sampler.generate("ab", 10, seed=1)  # Q dropped
@@ -131,7 +131,7 @@ def test_export_round_trip_without_the_package(tmp_path, capsys, kernel):
     assert texts["first"].startswith("ab") and len(texts["first"]) == 32
     assert texts["again"] == texts["first"] == texts["signature"]
     assert texts["other"] != texts["first"]
-    assert texts["first"] == Generator(model, vocab).generate("ab", 30, seed=4)
+    assert texts["first"] == Generator(model, vocab, loops="xla").generate("ab", 30, seed=4)
 
 
 @pytest.mark.parametrize("argv, code, message", [

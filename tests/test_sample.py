@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_charrnn import native
 from tf_charrnn.cli import run_cli
 from tf_charrnn.config import Config, DataConfig, ModelConfig
 from tf_charrnn.data import Vocab
 from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.models import build_model
 from tf_charrnn.runs import Run
-from tf_charrnn.sample import (Generator, JamoComposer, draw, filter_logits, main, model_step,
-                               parse_escapes, sample_divider)
+from tf_charrnn.sample import (Generator, JamoComposer, draw, filter_logits, main,
+                               make_chunk_function, model_step, parse_escapes, sample_divider)
 from tf_charrnn.text import HANGUL_ESCAPE, compose_hangul, decompose_hangul
 
 CHARS = "ab \ncde.!"  # V = 9
@@ -47,9 +48,21 @@ def model(vocab):
     return tiny_model(vocab)
 
 
+def native_loop_or_skip():
+    if native.library() is None:
+        pytest.skip("the native library is not built here (no C++ compiler)")
+
+
+@pytest.fixture(scope="module", params=["native", "xla"])
+def loops(request):
+    if request.param == "native":
+        native_loop_or_skip()
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def generator(model, vocab):
-    return Generator(model, vocab, chunk_length=16)
+def generator(model, vocab, loops):
+    return Generator(model, vocab, chunk_length=16, loops=loops)
 
 
 # --- the draw on fake logits -----------------------------------------------------------------
@@ -187,7 +200,7 @@ def test_stream_yields_the_prime_first_then_chunks_that_make_generate(generator)
 
 
 def test_text_does_not_depend_on_the_chunk_length(model, vocab, generator):
-    other = Generator(model, vocab, chunk_length=5)
+    other = Generator(model, vocab, chunk_length=5, loops=generator.loops)
     assert other.generate("ab", 40, seed=8) == generator.generate("ab", 40, seed=8)
 
 
@@ -196,6 +209,85 @@ def test_argmax_and_top_k_one_are_greedy(generator):
     assert generator.generate("ab", 30, argmax=True) == greedy
     assert generator.generate("ab", 30, top_k=1, seed=9) == greedy
     assert generator.generate("ab", 30, temperature=0.7, top_p=1e-6, seed=10) == greedy
+
+
+# --- the native loop against the model and the draw's rules ---------------------------------
+
+NATIVE_MODELS = {
+    "lstm": ModelConfig(cell="lstm", num_layers=2, hidden_size=48, embedding_size=4,
+                        kernel="keras"),  # G = 192: the register tiles, three strips
+    "gru": ModelConfig(cell="gru", num_layers=2, hidden_size=8, embedding_size=4,
+                       kernel="keras"),  # G = 24: Eigen's product
+    "rnn-one-hot": ModelConfig(cell="rnn", num_layers=1, hidden_size=8, one_hot=True,
+                               embedding_size=0, kernel="keras"),
+}
+
+
+def native_chunk(model, ids, states, steps, seed=3, temperature=1.0, top_k=0, top_p=1.0):
+    chunk = make_chunk_function(model, steps, "native")
+    return chunk(tf.constant(ids, tf.int32), states, tf.constant(seed), tf.constant(0),
+                 tf.constant(temperature), tf.constant(top_k), tf.constant(top_p),
+                 tf.constant(False))
+
+
+@pytest.mark.parametrize("name", NATIVE_MODELS)
+def test_native_loop_feeds_its_draws_through_the_model(vocab, name):
+    """Replayed through model_step, the drawn ids give the op's states, and every draw is
+    among the top_k largest logits of its step."""
+    native_loop_or_skip()
+    model = tiny_model(vocab, NATIVE_MODELS[name], seed=4)
+    generator = Generator(model, vocab, loops="native")
+    ids, states = generator.prime_states(np.array([vocab.encode("ab c"), vocab.encode("!e.d"),
+                                                   vocab.encode("cc\nb")], np.int32))
+    drawn, final = native_chunk(model, ids, states, 30, top_k=3)  # [3, 30]
+    drawn = drawn.numpy()
+    assert len(set(map(tuple, drawn))) == 3  # the rows draw apart
+    fed = np.concatenate([ids.numpy()[:, None], drawn[:, :-1]], axis=1)
+    replayed = states
+    for t in range(30):
+        logits, replayed = model_step(model, fed[:, t], replayed)
+        ranked = np.sort(logits.numpy(), axis=1)[:, ::-1]
+        chosen = logits.numpy()[np.arange(3), drawn[:, t]]
+        assert (chosen >= ranked[:, 2] - 1e-5).all(), (t, drawn[:, t])
+    for ours, theirs in zip(final, replayed):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0.7}, {"top_k": 4, "top_p": 0.8},
+                                     {"temperature": 1.5, "top_p": 0.6}])
+def test_native_draws_follow_the_filtered_distribution(model, vocab, options):
+    """4000 rows from one state draw one character each: their frequencies are softmax of
+    filter_logits (the XLA loop's rules) within 0.03 (about four standard deviations)."""
+    native_loop_or_skip()
+    rows = 4000
+    states = tuple(tf.repeat(state, rows, axis=0)
+                   for state in Generator(model, vocab).prime_states(
+                       np.array([vocab.encode("ab c")], np.int32))[1])
+    last = np.full([rows], vocab.encode("c")[0], np.int32)
+    drawn, _ = native_chunk(model, last, states, 1, seed=11, **options)
+    logits, _ = model_step(model, last[:1], tuple(state[:1] for state in states))
+    expected = tf.nn.softmax(filter_logits(logits, **options)).numpy()[0]
+    frequencies = np.bincount(drawn.numpy()[:, 0], minlength=len(vocab)) / rows
+    np.testing.assert_allclose(frequencies, expected, atol=0.03)
+    assert (frequencies[expected == 0] == 0).all()  # a cut character is never drawn
+
+
+def test_native_rows_do_not_depend_on_the_batch_or_the_threads(model, vocab):
+    """Row 0 of 40 samples (split between the threads) is the one-sample text; all differ."""
+    native_loop_or_skip()
+    generator = Generator(model, vocab, loops="native", chunk_length=16)
+    texts = generator.generate("ab", 50, seed=6, num_samples=40)
+    assert texts[0] == generator.generate("ab", 50, seed=6)
+    assert len(set(texts)) == 40
+
+
+def test_native_op_rejects_bad_inputs(model, vocab):
+    native_loop_or_skip()
+    states = model.zero_states(1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="id 9 at 0 is outside"):
+        native_chunk(model, [9], states, 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="temperature must be > 0"):
+        native_chunk(model, [1], states, 4, temperature=0.0)
 
 
 def test_stop_ends_the_sample_after_the_stop_string(generator):
@@ -309,7 +401,7 @@ def lines(text):
 
 def test_cli_streams_the_run_sample_and_names_run_and_checkpoint(runs_dir, generator, capsys):
     assert run_cli(main, ["--runs-dir", str(runs_dir), "--prime", "ab", "-n", "30",
-                          "--seed", "6"]) == 0
+                          "--seed", "6", "--loops", generator.loops]) == 0
     out, err = capsys.readouterr()
     expected = generator.generate("ab", 30, seed=6)
     assert out == expected + ("" if expected.endswith("\n") else "\n")
@@ -320,7 +412,8 @@ def test_cli_streams_the_run_sample_and_names_run_and_checkpoint(runs_dir, gener
 def test_cli_checkpoint_samples_and_stop(runs_dir, generator, capsys):
     checkpoint = str(runs_dir / "old/checkpoints/ckpt-3")
     assert run_cli(main, ["--checkpoint", checkpoint, "--prime", "a", "-n", "25",
-                          "--num-samples", "3", "--seed", "1", "--stop", "\\n"]) == 0
+                          "--num-samples", "3", "--seed", "1", "--stop", "\\n",
+                          "--loops", generator.loops]) == 0
     out, err = capsys.readouterr()
     assert f"checkpoint {checkpoint} (step 3)" in err
     texts = generator.generate("a", 25, seed=1, num_samples=3, stop="\n")
@@ -331,7 +424,7 @@ def test_cli_checkpoint_samples_and_stop(runs_dir, generator, capsys):
 
 def test_cli_skips_unknown_prime_characters_with_a_warning(runs_dir, generator, capsys):
     assert run_cli(main, ["--run", str(runs_dir / "new"), "--prime", "aZb", "-n", "10",
-                          "--seed", "2", "--unknown", "skip"]) == 0
+                          "--seed", "2", "--unknown", "skip", "--loops", generator.loops]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(generator.generate("ab", 10, seed=2))
     assert "warning: dropping prime characters not in the vocabulary: 'Z'" in err

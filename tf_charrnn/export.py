@@ -17,8 +17,9 @@ Everything runs in the graph: the prime's UTF-8 is decoded to code points and lo
 vocabulary (a sorted code point table and tf.searchsorted; characters not in the vocabulary are
 dropped, and a prime left empty starts from the most frequent character), the state is primed by
 one pass over the prime, `length` characters are drawn by tf_charrnn.sample's chunk function
-(the same XLA-compiled loop, seeded with (seed mod 2**31, position), so a seed gives the same
-text as `python -m tf_charrnn.sample --seed` with top-k and top-p off), and the ids go back to
+(the XLA-compiled loop, seeded with (seed mod 2**31, position), so a seed gives the same text
+as `python -m tf_charrnn.sample --loops xla --seed` with top-k and top-p off; the sampler's
+default native loop draws its own numbers), and the ids go back to
 code points and UTF-8. The text returned is the prime's known characters followed by the
 generated ones. temperature <= 0 or length < 0 fail with InvalidArgumentError. Loading needs a
 TensorFlow with XLA (the pip package has it); `--no-xla` exports a loop that does not.
@@ -118,7 +119,8 @@ class ExportedGenerator(tf.Module):
         self._chunk_length = int(chunk_length)
         # The model lives in the functions' closures, not as a tracked attribute, so the
         # SavedModel holds plain variables and graphs and loads without Keras or this package.
-        chunk = make_chunk_function(model, self._chunk_length, jit_compile, batch_size=1)
+        chunk = make_chunk_function(model, self._chunk_length, "xla" if jit_compile else "plain",
+                                    batch_size=1)
         signature = (tf.TensorSpec([], tf.string, name="prime"),
                      tf.TensorSpec([], tf.int32, name="length"),
                      tf.TensorSpec([], tf.float32, name="temperature"),

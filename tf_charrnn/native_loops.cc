@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -268,7 +270,8 @@ void ProductStrip(const float* a, int64_t lda, const float* b, int64_t ldb, floa
 }
 #endif
 
-void Product(const MatrixMap& a, const Matrix& b, Matrix& c, bool accumulate) {
+template <typename B>  // Matrix or ConstMatrixMap
+void Product(const MatrixMap& a, const B& b, Matrix& c, bool accumulate) {
   const int64_t m = a.rows(), k = a.cols(), n = b.cols();
 #if defined(__AVX512F__)
   if (n % 16 == 0 && k > 0) {
@@ -953,5 +956,286 @@ REGISTER_KERNEL_BUILDER(Name("TfCharrnnGruBackward").Device(DEVICE_CPU), GruBack
 REGISTER_KERNEL_BUILDER(Name("TfCharrnnSimpleRnnForward").Device(DEVICE_CPU), SimpleForwardOp);
 REGISTER_KERNEL_BUILDER(Name("TfCharrnnSimpleRnnBackward").Device(DEVICE_CPU), SimpleBackwardOp);
 REGISTER_KERNEL_BUILDER(Name("TfCharrnnSumById").Device(DEVICE_CPU), SumByIdOp);
+
+
+// ---------------------------------------------------------------------------------------------
+// Generation (tf_charrnn/sample.py): the sampler's whole loop for a stack of layers as one op.
+// Per step and row: the first layer's input projection is a row of the [V, G] table (the
+// previous character's id), each deeper layer's x W + b one product; h U, the cell math above,
+// the head's logits, then one draw. Rows never interact, so the rows are split between the
+// threads as in training; one stream runs on one thread, where the weights (about 0.8 MB for the
+// lecture model) stay in its cache from step to step.
+
+// The draw's uniform number for (seed, position, row): a counter-based hash (splitmix64's
+// finaliser, three rounds), so the draws depend on the seed, the character's position and the
+// row only, not on how the positions are split between calls.
+inline uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+inline float Uniform(int64_t seed, int64_t position, int64_t row) {
+  const uint64_t bits = Mix(Mix(Mix(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(position))
+                            ^ static_cast<uint64_t>(row));
+  return static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);  // 24 bits: [0, 1)
+}
+
+struct DrawOptions {
+  float temperature;
+  int64_t top_k;  // 0: off
+  float top_p;    // 1: off
+};
+
+// One row's draw from logits [V], by sample.py's rules (filter_logits, then draw): logits
+// shifted to a maximum of 0 and divided by the temperature; top_k > 0 keeps the logits at least
+// the k-th largest; top_p < 1 then keeps the largest ones while the probability before them is
+// under top_p; the id is where the cumulative weights first pass uniform x their total.
+// scaled and ordered: [V] scratch.
+int32_t DrawRow(const float* logits, int64_t vocab, const DrawOptions& options, float uniform,
+                float* scaled, float* ordered) {
+  using Array = Eigen::Array<float, Eigen::Dynamic, 1>;
+  Eigen::Map<const Array> in(logits, vocab);
+  Eigen::Map<Array> out(scaled, vocab);
+  out = (in - in.maxCoeff()) / options.temperature;
+  if (options.top_k > 0 || options.top_p < 1.0f) {
+    std::copy(scaled, scaled + vocab, ordered);
+    std::sort(ordered, ordered + vocab, [](float a, float b) { return a > b; });
+    const int64_t k = options.top_k > 0 ? std::min(options.top_k, vocab) : vocab;
+    const float kth = ordered[k - 1];
+    int64_t kept = 0;
+    float total = 0.0f;
+    for (; kept < vocab && ordered[kept] >= kth; ++kept) total += std::exp(ordered[kept]);
+    int64_t count = kept;
+    if (options.top_p < 1.0f) {
+      float before = 0.0f;
+      count = 0;
+      while (count < kept && before < options.top_p) before += std::exp(ordered[count++]) / total;
+    }
+    const float threshold = ordered[std::max<int64_t>(count, 1) - 1];
+    out = (out < threshold).select(-std::numeric_limits<float>::infinity(), out);
+  }
+  Eigen::Map<Array>(ordered, vocab) = out.exp();  // the largest scaled logit is 0
+  for (int64_t v = 1; v < vocab; ++v) ordered[v] += ordered[v - 1];
+  const float total = ordered[vocab - 1];
+  // Strictly below the total, so the draw never runs past the last id with any weight.
+  const float point = std::min(uniform * total, std::nextafter(total, 0.0f));
+  int64_t id = 0;
+  while (id < vocab - 1 && ordered[id] <= point) ++id;
+  return static_cast<int32_t>(id);
+}
+
+// What one call of the generation op works on; the states are the outputs, holding the initial
+// states at the start and updated in place.
+struct Generation {
+  const Kind* kind;
+  int64_t layers, units, gates, vocab, batch, steps;
+  const float* table = nullptr;        // [V, G]: layer 0's x W + b per id
+  std::vector<ConstMatrixMap> kernels;  // layers 1..: W [H, G] (layer 0's is empty)
+  std::vector<RowVector> biases;       // layers 1..: b [G]
+  std::vector<ConstMatrixMap> recurrent;  // U [H, G]
+  std::vector<RowVector> recurrent_biases;  // GRU: [G]
+  Matrix head;                         // [H, V16]: the head's kernel, columns padded to 16s
+  RowVector head_bias;                 // [V16]
+  const int32_t* ids;                  // [B]: each row's last character, not yet fed
+  std::vector<float*> states;          // [B, H] each, layer by layer
+  int32_t* drawn;                      // [B, steps]
+  int64_t seed, position;
+  DrawOptions options;
+};
+
+void GenerateBlock(const Generation& g, const Block& block) {
+  const int64_t rows = block.rows, row = block.row, units = g.units, gates = g.gates;
+  const int per_layer = g.kind->states;
+  Matrix z(rows, gates), xw(rows, gates), logits(rows, g.head.cols());
+  std::vector<int32_t> ids(g.ids + row, g.ids + row + rows);
+  std::vector<float> scaled(g.vocab), ordered(g.vocab);
+  for (int64_t t = 0; t < g.steps; ++t) {
+    float* x = nullptr;  // this block's rows of the layer below's new h
+    for (int64_t l = 0; l < g.layers; ++l) {
+      float* h = g.states[l * per_layer] + row * units;
+      float* c = per_layer > 1 ? g.states[l * per_layer + 1] + row * units : nullptr;
+      if (l > 0) {
+        xw.rowwise() = g.biases[l];
+        Product(MatrixMap(x, rows, units), g.kernels[l], xw, true);
+      }
+      auto xw_row = [&](int64_t r) {
+        return l == 0 ? g.table + ids[r] * gates : xw.data() + r * gates;
+      };
+      Product(MatrixMap(h, rows, units), g.recurrent[l], z, false);
+      if (g.kind == &kLstm) {
+        ForEachChunk(rows, units, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
+          LstmCell<decltype(lanes)>(z.data() + r * gates + first, units, xw_row(r) + first,
+                                    units, c + r * units + first, h + r * units + first,
+                                    nullptr, 0, nullptr, nullptr, len);
+        });
+      } else if (g.kind == &kGru) {
+        ForEachChunk(rows, units, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
+          float* h_row = h + r * units + first;
+          GruCell<decltype(lanes)>(z.data() + r * gates + first, units,
+                                   g.recurrent_biases[l].data() + first, xw_row(r) + first,
+                                   units, h_row, h_row, nullptr, nullptr, 0, nullptr, len);
+        });
+      } else {
+        for (int64_t r = 0; r < rows; ++r) {
+          Eigen::Map<RowVector>(h + r * units, units) =
+              (z.row(r) + Eigen::Map<const RowVector>(xw_row(r), units)).array().tanh().matrix();
+        }
+      }
+      x = h;
+    }
+    logits.rowwise() = g.head_bias;
+    Product(MatrixMap(x, rows, units), g.head, logits, true);
+    for (int64_t r = 0; r < rows; ++r) {
+      ids[r] = DrawRow(logits.data() + r * logits.cols(), g.vocab, g.options,
+                       Uniform(g.seed, g.position + t, row + r), scaled.data(), ordered.data());
+      g.drawn[(row + r) * g.steps + t] = ids[r];
+    }
+  }
+}
+
+// (table [V, G], kernels, biases, recurrent, recurrent_biases: one per layer, head kernel
+// [H, V], head bias [V], ids [B], states [B, H] (layer by layer), seed, position, temperature,
+// top_k, top_p) -> (drawn [B, num_steps], states after feeding all but the last drawn id).
+// Layer 0's kernel and bias are empty (the table holds them); recurrent_biases are GRU's, empty
+// for the other kinds. The weights are prepared as for the loops above (sigmoid columns halved).
+REGISTER_OP("TfCharrnnGenerate")
+    .Attr("kind: {'lstm', 'gru', 'simple_rnn'}")
+    .Attr("num_steps: int >= 0")
+    .Attr("layers: int >= 1")
+    .Attr("num_states: int >= 1")
+    .Input("table: float")
+    .Input("kernels: layers * float").Input("biases: layers * float")
+    .Input("recurrent: layers * float").Input("recurrent_biases: layers * float")
+    .Input("head_kernel: float").Input("head_bias: float")
+    .Input("ids: int32").Input("states: num_states * float")
+    .Input("seed: int32").Input("position: int32").Input("temperature: float")
+    .Input("top_k: int32").Input("top_p: float")
+    .Output("drawn: int32").Output("new_states: num_states * float")
+    .SetShapeFn([](InferenceContext* c) {
+      int64_t steps = 0;
+      int layers = 0, num_states = 0;
+      TF_RETURN_IF_ERROR(c->GetAttr("num_steps", &steps));
+      TF_RETURN_IF_ERROR(c->GetAttr("layers", &layers));
+      TF_RETURN_IF_ERROR(c->GetAttr("num_states", &num_states));
+      ShapeHandle ids;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1 + 4 * layers + 2), 1, &ids));
+      c->set_output(0, c->MakeShape({c->Dim(ids, 0), steps}));
+      for (int s = 0; s < num_states; ++s) {
+        c->set_output(1 + s, c->input(1 + 4 * layers + 3 + s));
+      }
+      return tensorflow::OkStatus();
+    });
+
+class GenerateOp : public OpKernel {
+ public:
+  explicit GenerateOp(OpKernelConstruction* context) : OpKernel(context) {
+    std::string kind;
+    OP_REQUIRES_OK(context, context->GetAttr("kind", &kind));
+    kind_ = kind == "lstm" ? &kLstm : kind == "gru" ? &kGru : &kSimple;
+    OP_REQUIRES_OK(context, context->GetAttr("num_steps", &steps_));
+    OP_REQUIRES_OK(context, context->GetAttr("layers", &layers_));
+    OP_REQUIRES_OK(context, context->GetAttr("num_states", &num_states_));
+    OP_REQUIRES(context, num_states_ == layers_ * kind_->states,
+                tensorflow::errors::InvalidArgument("num_states must be layers x the kind's "
+                                                    "states per layer"));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    using tensorflow::errors::InvalidArgument;
+    const int layers = layers_;
+    auto input = [&](int index) -> const Tensor& { return context->input(index); };
+    auto list = [&](int which, int l) -> const Tensor& { return input(1 + which * layers + l); };
+    const int head_at = 1 + 4 * layers, ids_at = head_at + 2, states_at = ids_at + 1;
+    const int options_at = states_at + num_states_;
+    Generation g;
+    g.kind = kind_;
+    g.layers = layers;
+    g.steps = steps_;
+    const Tensor& table = input(0);
+    const Tensor& first_u = list(2, 0);
+    OP_REQUIRES(context, table.dims() == 2 && first_u.dims() == 2,
+                InvalidArgument("table must be [V, G] and recurrent kernels [H, G]"));
+    g.vocab = table.dim_size(0);
+    g.units = first_u.dim_size(0);
+    g.gates = kind_->gates * g.units;
+    const int64_t units = g.units, gates = g.gates, vocab = g.vocab;
+    OP_REQUIRES(context, table.dim_size(1) == gates && vocab > 0,
+                InvalidArgument("table must be [V, G] with G = gates * H and V > 0"));
+    g.table = table.flat<float>().data();
+    const TensorShape weight({units, gates}), row({gates}), empty({0});
+    for (int l = 0; l < layers; ++l) {
+      OP_REQUIRES(context, list(2, l).shape() == weight,
+                  InvalidArgument("recurrent kernel ", l, " must be [H, G]"));
+      g.recurrent.emplace_back(list(2, l).flat<float>().data(), units, gates);
+      const bool gru = kind_->needs_u_bias;
+      OP_REQUIRES(context, list(3, l).shape() == (gru ? row : empty),
+                  InvalidArgument("recurrent bias ", l, " must be [G] for GRU, else [0]"));
+      g.recurrent_biases.push_back(
+          gru ? RowVector(Eigen::Map<const RowVector>(list(3, l).flat<float>().data(), gates))
+              : RowVector());
+      if (l == 0) {
+        OP_REQUIRES(context, list(0, 0).NumElements() == 0 && list(1, 0).NumElements() == 0,
+                    InvalidArgument("layer 0's kernel and bias must be empty (the table)"));
+        g.kernels.emplace_back(nullptr, 0, 0);
+        g.biases.emplace_back();
+        continue;
+      }
+      OP_REQUIRES(context, list(0, l).shape() == weight && list(1, l).shape() == row,
+                  InvalidArgument("layer ", l, "'s kernel must be [H, G] and bias [G]"));
+      g.kernels.emplace_back(list(0, l).flat<float>().data(), units, gates);
+      g.biases.emplace_back(Eigen::Map<const RowVector>(list(1, l).flat<float>().data(), gates));
+    }
+    const Tensor& head = input(head_at);
+    const Tensor& head_bias = input(head_at + 1);
+    OP_REQUIRES(context, head.shape() == TensorShape({units, vocab}) &&
+                             head_bias.shape() == TensorShape({vocab}),
+                InvalidArgument("the head's kernel must be [H, V] and its bias [V]"));
+    const int64_t padded = (vocab + 15) / 16 * 16;  // whole registers: Product's tiles
+    g.head = Matrix::Zero(units, padded);
+    g.head.leftCols(vocab) = ConstMatrixMap(head.flat<float>().data(), units, vocab);
+    g.head_bias = RowVector::Zero(padded);
+    g.head_bias.leftCols(vocab) = Eigen::Map<const RowVector>(head_bias.flat<float>().data(),
+                                                              vocab);
+    const Tensor& ids = input(ids_at);
+    OP_REQUIRES(context, ids.dims() == 1, InvalidArgument("ids must be [B]"));
+    g.batch = ids.dim_size(0);
+    g.ids = ids.flat<int32_t>().data();
+    for (int64_t i = 0; i < g.batch; ++i) {
+      OP_REQUIRES(context, g.ids[i] >= 0 && g.ids[i] < vocab,
+                  InvalidArgument("id ", g.ids[i], " at ", i, " is outside [0, ", vocab, ")"));
+    }
+    g.seed = input(options_at).scalar<int32_t>()();
+    g.position = input(options_at + 1).scalar<int32_t>()();
+    g.options = DrawOptions{input(options_at + 2).scalar<float>()(),
+                            input(options_at + 3).scalar<int32_t>()(),
+                            input(options_at + 4).scalar<float>()()};
+    OP_REQUIRES(context, g.options.temperature > 0.0f && g.options.top_k >= 0 &&
+                             g.options.top_p > 0.0f && g.options.top_p <= 1.0f,
+                InvalidArgument("temperature must be > 0, top_k >= 0 and top_p in (0, 1]"));
+    for (int s = 0; s < num_states_; ++s) {
+      const Tensor& state = input(states_at + s);
+      OP_REQUIRES(context, state.shape() == TensorShape({g.batch, units}),
+                  InvalidArgument("states must be [B, H]"));
+      Tensor* out = Output(context, 1 + s, state.shape());
+      if (!context->status().ok()) return;
+      std::copy_n(state.flat<float>().data(), state.NumElements(), out->flat<float>().data());
+      g.states.push_back(out->flat<float>().data());
+    }
+    Tensor* drawn = Output(context, 0, TensorShape({g.batch, g.steps}));
+    if (!context->status().ok()) return;
+    g.drawn = drawn->flat<int32_t>().data();
+    RunBlocks(context, g.batch, units, MakePlan(context, g.steps, g.batch, units, Split::kRows),
+              [&](const Block& block) { GenerateBlock(g, block); });
+  }
+
+ private:
+  const Kind* kind_ = nullptr;
+  int64_t steps_ = 0;
+  int layers_ = 0, num_states_ = 0;
+};
+
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnGenerate").Device(DEVICE_CPU), GenerateOp);
 
 }  // namespace tf_charrnn

@@ -7,22 +7,28 @@ The Generator owns the path from a prime to text:
 
 * The prime is fed through the model in ONE forward pass (all but its last character), which
   leaves the state ready for the first draw.
-* Characters are drawn inside one `tf.function` holding a `tf.while_loop` that generates a chunk
-  of K characters per call, for N rows at once, the state staying on the device. Each draw
-  inverts the cumulative distribution at one stateless uniform number seeded with (seed,
-  position), so a seed gives the same text however the output is chunked. (An inverse-CDF draw
-  costs one random number a row where tf.random.stateless_categorical spent about a fifth of a
-  one-stream step under XLA.)
-* Each step runs the fused kernel's cell math (kernels.py: one tanh for all gates) on weights
-  prepared once per chunk, the first layer's input projection read as a row of a [V, G] table
-  (embedding, or one-hot, times the input kernel): 1.3x the Keras cells one stream, together
-  with the draw above. Temperature, top-k, top-p and argmax are tensors, so the loop
-  is traced once per Generator whatever the options; the batch dimension is left open.
-* The loop is compiled with XLA by default. For the lecture model on two CPU cores one stream
-  runs about 6x faster than the plain graph (~71k against ~12k characters/s), for about 1.5 s
-  of compilation on the first call per number of rows; at 64 rows XLA gives ~270k and the
-  plain graph ~170k characters/s. See benchmarks/sample_speed.py. XLA and the plain graph draw
-  differently, so a seed's text depends on jit_compile; tf_charrnn.export uses the XLA loop too.
+* Characters are drawn by a loop that generates a chunk of K characters per call, for N rows at
+  once, the state staying where the loop runs. Each draw inverts the cumulative distribution at
+  one uniform number that depends only on (seed, position) (and the row), so a seed gives the
+  same text however the output is chunked. Temperature, top-k, top-p and argmax (a cut to top-k
+  1) are inputs, so a loop is built once per Generator whatever the options. Three loops:
+  native  one C++ op (native_loops.cc's TfCharrnnGenerate, built by native.py), the default
+          where the library builds: the same weights and cell math, the rows split between the
+          threads; uniform numbers from a hash of (seed, position, row). K = 2048 (its per-call
+          work, about 1 ms, is the weights' preparation). Lecture model, two CPU cores: one
+          stream ~120k characters/s, 64 streams ~500k.
+  xla     a `tf.function` holding a `tf.while_loop`, compiled with XLA: the loop the exported
+          SavedModel (tf_charrnn.export) runs and the fallback without the native library; one
+          stream ~60k, 64 streams ~210k, about 1.5 s of compilation per number of rows. Its
+          uniform numbers come from tf.random.stateless_uniform(seed, position). (An inverse-CDF
+          draw costs one random number a row where tf.random.stateless_categorical spent about
+          a fifth of a one-stream step under XLA.)
+  plain   the same loop uncompiled (~12k one stream); draws differently from XLA.
+  Each step of the xla and plain loops runs the fused kernel's cell math (kernels.py: one tanh
+  for all gates) on weights prepared once per chunk, the first layer's input projection read
+  as a row of a [V, G] table (embedding, or one-hot, times the input kernel); the native op
+  takes the same prepared weights. See benchmarks/sample_speed.py. A seed's text depends on
+  the loop (`python -m tf_charrnn.sample --loops xla` gives the SavedModel's).
 * The Python side calls the chunk function once per chunk, decodes it, looks for the stop string
   and yields text, so the CLI can stream. A run trained on Hangul jamo (data.hangul_jamo) is
   recomposed into syllables as it streams; a trailing run of jamo that the next chunk may
@@ -45,7 +51,9 @@ from tf_charrnn.config import SampleConfig
 from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.text import HANGUL_ESCAPE, compose_hangul, decompose_hangul
 
-CHUNK_LENGTH = 256
+CHUNK_LENGTH = 256  # characters per call of a compiled (XLA or plain) loop
+NATIVE_CHUNK_LENGTH = 2048  # per call of the native loop, whose per-call work is about 1 ms
+LOOPS = ("auto", "native", "xla", "plain")
 UNKNOWN_CHOICES = ("error", "skip")
 SEED_MODULUS = 2 ** 31  # stateless RNG seeds are int32 under XLA: seeds are taken modulo 2**31
 
@@ -211,6 +219,30 @@ def _generate_chunk(model, num_steps, ids, states, seed, position, temperature, 
                         argmax)
 
 
+def _generate_chunk_natively(model, num_steps, ids, states, seed, position, temperature, top_k,
+                             top_p, argmax):
+    """generate_ids as one native op (native_loops.cc's TfCharrnnGenerate): the same weights,
+    cell math and draw rules; its own uniform numbers (a hash of seed, position and row)."""
+    from tf_charrnn import native
+
+    _, layers = prepare_step(model)
+    empty_kernel, empty = tf.zeros([0, 0]), tf.zeros([0])
+    kernels, biases, recurrent, recurrent_biases = [], [], [], []
+    for index, (weight, bias, consts) in enumerate(layers):
+        kernels.append(empty_kernel if index == 0 else weight)  # layer 0: the table
+        biases.append(empty if index == 0 else bias)
+        recurrent.append(consts[0])
+        recurrent_biases.append(consts[1] if model.cell == "gru" else empty)
+    drawn, states = native.library().tf_charrnn_generate(
+        table=layers[0][0], kernels=kernels, biases=biases, recurrent=recurrent,
+        recurrent_biases=recurrent_biases, head_kernel=tf.cast(model.head.kernel, tf.float32),
+        head_bias=tf.cast(model.head.bias, tf.float32), ids=ids,
+        states=[tf.cast(state, tf.float32) for state in states], seed=seed, position=position,
+        temperature=temperature, top_k=tf.where(argmax, 1, top_k), top_p=top_p,
+        kind=_CELL_KINDS[model.cell], num_steps=num_steps)
+    return drawn, tuple(tf.cast(state, model.state_dtype) for state in states)
+
+
 def state_specs(model, batch_size=None):
     """TensorSpecs of the model's state tuple; batch_size None leaves the batch dimension open."""
     return tuple(tf.TensorSpec([batch_size, model.hidden_size], model.state_dtype)
@@ -225,14 +257,28 @@ def chunk_signature(model, batch_size=None):
             tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.bool))
 
 
-def make_chunk_function(model, chunk_length=CHUNK_LENGTH, jit_compile=True, batch_size=None):
+def resolve_loops(loops="auto"):
+    """The generation loop to run: "auto" picks "native" where the native library loads, else
+    "xla"; "native", "xla" and "plain" (a tf.while_loop graph) are taken as they are."""
+    if loops not in LOOPS:
+        raise UsageError(f"loops must be one of {', '.join(LOOPS)}, got {loops!r}")
+    if loops != "auto":
+        return loops
+    from tf_charrnn import native
+
+    return "native" if native.library() is not None else "xla"
+
+
+def make_chunk_function(model, chunk_length=CHUNK_LENGTH, loops="xla", batch_size=None):
     """A tf.function (ids, states, seed, position, temperature, top_k, top_p, argmax) ->
-    (ids [N, chunk_length], states): generate_ids for a fixed number of steps, traced once."""
+    (ids [N, chunk_length], states): chunk_length steps of the generation loop, traced once.
+    loops: "native" (one C++ op), "xla" (generate_ids compiled with XLA) or "plain"."""
     # A partial rather than a closure or method: TensorFlow counts traces per code object, and
     # each chunk function's one trace is not a retrace to warn about.
-    return tf.function(functools.partial(_generate_chunk, model, chunk_length),
+    chunk = _generate_chunk_natively if loops == "native" else _generate_chunk
+    return tf.function(functools.partial(chunk, model, chunk_length),
                        input_signature=chunk_signature(model, batch_size),
-                       jit_compile=jit_compile)
+                       jit_compile=loops == "xla")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,18 +365,21 @@ class Generator:
     prime, length, option and seed (XLA compiles once more per new number of rows).
     """
 
-    def __init__(self, model, vocab, hangul_jamo=False, chunk_length=CHUNK_LENGTH,
-                 jit_compile=True, log=_stderr):
+    def __init__(self, model, vocab, hangul_jamo=False, chunk_length=None, loops="auto",
+                 log=_stderr):
         if len(vocab) != model.vocab_size:
             raise CharRNNError(f"vocabulary has {len(vocab)} characters but the model expects "
                                f"{model.vocab_size}: use the run's own vocab.json")
         self.model, self.vocab, self.hangul_jamo = model, vocab, bool(hangul_jamo)
-        self.chunk_length, self.log = int(chunk_length), log
+        self.loops, self.log = resolve_loops(loops), log
+        if chunk_length is None:
+            chunk_length = NATIVE_CHUNK_LENGTH if self.loops == "native" else CHUNK_LENGTH
+        self.chunk_length = int(chunk_length)
         self.loaded = None  # the LoadedRun, for a Generator made by from_run
         self._prime_fn = tf.function(
             functools.partial(_prime_pass, model),
             input_signature=(tf.TensorSpec([None, None], tf.int32), state_specs(model)))
-        self._chunk_fn = make_chunk_function(model, self.chunk_length, jit_compile)
+        self._chunk_fn = make_chunk_function(model, self.chunk_length, self.loops)
 
     @classmethod
     def from_run(cls, path=None, checkpoint=None, runs_dir="runs", log=_stderr, **kwargs):
@@ -551,6 +600,10 @@ def build_parser():
     parser.add_argument("--stop", metavar="STRING",
                         help="end a sample just after this string; backslash escapes are read, "
                              "e.g. '\\n\\n' for a blank line")
+    parser.add_argument("--loops", choices=LOOPS, default="auto",
+                        help="the generation loop: native (C++, the fastest), xla, plain, or "
+                             "auto (native where it builds, else xla; the default). A seed's "
+                             "text depends on the loop; xla gives the exported SavedModel's")
     parser.add_argument("--unknown", choices=UNKNOWN_CHOICES, default="error",
                         help="prime characters not in the vocabulary: fail listing them "
                              "(error, the default) or drop them with a warning (skip)")
@@ -601,7 +654,7 @@ def main(argv=None):
     check_sampling_options(**{key: value for key, value in
                               sampling_options(args, SampleConfig()).items()
                               if key not in ("prime", "argmax", "seed")})
-    generator = Generator.from_run(args.run, args.checkpoint, args.runs_dir)
+    generator = Generator.from_run(args.run, args.checkpoint, args.runs_dir, loops=args.loops)
     loaded = generator.loaded
     _stderr(f"checkpoint {loaded.checkpoint.prefix} (step {loaded.checkpoint.step})")
     options = sampling_options(args, loaded.config.sample)
