@@ -129,18 +129,25 @@ def train_batches(x_rows: torch.Tensor, y_rows: torch.Tensor, seq: int) -> Itera
 
 
 class CharRNN(nn.Module):
-    """Embedding -> stacked LSTM/GRU -> Linear, the same math as our trainer's model."""
+    """Embedding -> stacked LSTM/GRU -> Linear, the same math as our trainer's model.
 
-    def __init__(self, vocab_size: int, embed: int, hidden: int, num_layers: int, cell: str) -> None:
+    dropout > 0 drops each layer's output in training, as our model.dropout does: nn.LSTM's
+    dropout between the layers, then one more on the last layer's output.
+    """
+
+    def __init__(self, vocab_size: int, embed: int, hidden: int, num_layers: int, cell: str,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         rnn_cls = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.embedding = nn.Embedding(vocab_size, embed)
-        self.rnn = rnn_cls(embed, hidden, num_layers=num_layers, batch_first=True)
+        self.rnn = rnn_cls(embed, hidden, num_layers=num_layers, batch_first=True,
+                           dropout=dropout if num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, vocab_size)
 
     def forward(self, x: torch.Tensor, state: State = None) -> Tuple[torch.Tensor, State]:
         out, state = self.rnn(self.embedding(x), state)
-        return self.head(out), state
+        return self.head(self.drop(out)), state
 
 
 def detach_state(state: State) -> State:
@@ -266,6 +273,7 @@ def run(
     val_fraction: float = 0.1,
     threads: Optional[int] = None,
     sample_seconds: float = SAMPLE_SECONDS,
+    val_dropout: float = 0.0,
     verbose: bool = False,
 ) -> Dict[str, Any]:
     """Measure one recipe and return a JSON-serialisable dict.
@@ -275,9 +283,10 @@ def run(
     flops_per_char (forward), train_flops_per_char (3x forward),
     train_chars_per_sec (median over repeats), train_chars_per_sec_repeats,
     train_gflops_per_sec, timed_steps, sample_chars_per_sec_1, sample_chars,
-    and, when val_budget_seconds is given: val_budget_seconds,
+    and, when val_budget_seconds is given: val_budget_seconds, val_dropout,
     steps_at_budget, epochs_at_budget, train_loss_at_budget,
-    val_loss_at_budget (nats/char), val_eval_chars.
+    val_loss_at_budget (nats/char), val_eval_chars. The throughput runs have no
+    dropout; the budget run drops each layer's output with val_dropout.
     """
     name, cfg = _resolve_recipe(recipe)
     cell, layers, hidden = cfg["cell"], int(cfg["num_layers"]), int(cfg["hidden"])
@@ -289,9 +298,9 @@ def run(
     x_rows, y_rows = make_rows(train_ids, batch)
     chars_per_step = batch * seq
 
-    def new_model() -> CharRNN:
+    def new_model(dropout: float = 0.0) -> CharRNN:
         torch.manual_seed(seed)
-        return CharRNN(vocab_size, embed, hidden, layers, cell)
+        return CharRNN(vocab_size, embed, hidden, layers, cell, dropout)
 
     fpc = flops_per_char(cell, layers, hidden, embed, vocab_size)
     result: Dict[str, Any] = dict(
@@ -337,7 +346,7 @@ def run(
 
     # Quality at a fixed wall-time budget: fresh model, train S seconds (steps only), evaluate.
     if val_budget_seconds is not None:
-        model = new_model()
+        model = new_model(val_dropout)
         trainer = Trainer(model, x_rows, y_rows, seq)
         spent = 0.0
         while spent < val_budget_seconds:
@@ -347,6 +356,7 @@ def run(
         val_loss, n_eval = evaluate(model, val_ids, batch, seq)
         result.update(
             val_budget_seconds=float(val_budget_seconds),
+            val_dropout=float(val_dropout),
             steps_at_budget=trainer.steps,
             epochs_at_budget=trainer.steps / (x_rows.shape[1] // seq),
             train_loss_at_budget=float(trainer.last_loss) if trainer.last_loss is not None else math.nan,
@@ -399,6 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="timed training seconds per recipe")
     p.add_argument("--val-budget", type=float, default=None, metavar="S",
                    help="also train from scratch for S seconds and report validation loss")
+    p.add_argument("--val-dropout", type=float, default=0.0, metavar="P",
+                   help="dropout on each layer's output in the --val-budget run (default: 0)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
@@ -413,7 +425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results[name] = run(
             name, args.corpus, args.seconds, args.val_budget, args.seed,
             val_fraction=args.val_fraction, threads=args.threads,
-            sample_seconds=args.sample_seconds, verbose=not args.quiet,
+            sample_seconds=args.sample_seconds, val_dropout=args.val_dropout,
+            verbose=not args.quiet,
         )
     first = next(iter(results.values()))
     print(f"torch {first['torch_version']}, {first['threads']} threads, corpus {args.corpus}")

@@ -1,11 +1,12 @@
 """The benchmark's FLOP accounting against the performance issue's figures, and one short run."""
 
 import json
+import types
 
 import pytest
 
 from tf_charrnn import bench
-from tf_charrnn.errors import CharRNNError
+from tf_charrnn.errors import CharRNNError, UsageError
 
 
 @pytest.mark.parametrize("recipe, mflop_per_trained_char", [
@@ -50,3 +51,29 @@ def test_a_missing_corpus_is_named_before_anything_runs(tmp_path, flag):
     missing = tmp_path / "nowhere.txt"
     with pytest.raises(CharRNNError, match=f"{flag[0]} needs a corpus: .*nowhere.txt not found"):
         bench.main(["--recipe", "lecture", "--corpus", str(missing)] + flag)
+
+
+def test_val_dropout_must_be_a_rate():
+    with pytest.raises(UsageError, match=r"--val-dropout must be in \[0, 1\), got 1.0"):
+        bench.main(["--recipe", "lecture", "--val-dropout", "1"])
+
+
+def test_the_budget_run_trains_with_the_given_dropout(tmp_path, monkeypatch):
+    """The quality run's config: the recipe's model with dropout, the time budget, a 90/10 split."""
+    import tf_charrnn.train
+
+    seen = []
+
+    def fake_train(config, **kwargs):
+        seen.append(config)
+        return types.SimpleNamespace(val_loss=1.5, step=7, epoch=1)
+
+    monkeypatch.setattr(tf_charrnn.train, "train", fake_train)
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("some text\n" * 50)
+    result = bench.measure_val_loss(bench.recipe_config("gru"), 3, corpus, dropout=0.1)
+    (config,) = seen
+    assert (config.model.cell, config.model.hidden_size, config.model.dropout) == ("gru", 128, 0.1)
+    assert config.train.max_seconds == 3 and config.data.val_fraction == 0.1
+    assert result == {"val_loss_at_budget": 1.5, "steps_at_budget": 7, "epochs_at_budget": 1,
+                      "val_dropout": 0.1}

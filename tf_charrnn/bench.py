@@ -15,7 +15,9 @@ For each recipe (lecture, medium, large, gru, min_char_rnn) it measures, in one 
 - preprocess_mb_per_sec and preprocess_peak_rss_mb: building the id cache of a generated corpus,
   in a child process so its peak memory is its own;
 - val_loss_at_budget (with --val-budget S): tiny-shakespeare, 90/10 split, trained from scratch
-  for S seconds by the real trainer;
+  for S seconds by the real trainer, with dropout --val-dropout (default 0.1, the shakespeare
+  recipe's) on each layer's output; the PyTorch peer's budget run gets the same dropout (the
+  throughput runs have none on either side);
 - peak_rss_mb of the benchmark process.
 `--vs-torch` runs benchmarks/torch_peer.py (PyTorch, same model math) in turn for each recipe, in
 a child process, and prints tf_charrnn / PyTorch ratios measured in the same run.
@@ -240,9 +242,10 @@ def measure_preprocess(megabytes):
             "preprocess_peak_rss_mb": result["peak_rss_mb"]}
 
 
-def measure_val_loss(config, budget_seconds, corpus_path):
-    """Validation loss after budget_seconds of training from scratch (90/10 split). The time
-    budget is what stops the run, not the recipe's epoch count (the PyTorch peer has none)."""
+def measure_val_loss(config, budget_seconds, corpus_path, dropout=0.0):
+    """Validation loss after budget_seconds of training from scratch (90/10 split), dropout on
+    each layer's output. The time budget is what stops the run, not the recipe's epoch count
+    (the PyTorch peer has none)."""
     from tf_charrnn.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,16 +254,17 @@ def measure_val_loss(config, budget_seconds, corpus_path):
         corpus.write_bytes(Path(corpus_path).read_bytes())
         config = apply_overrides(config, [
             ("data", "corpus", str(corpus)), ("data", "val_fraction", 0.1),
+            ("model", "dropout", float(dropout)),
             ("train", "max_seconds", float(budget_seconds)), ("train", "epochs", 10 ** 6),
             ("train", "runs_dir", tmp),
             ("train", "eval_every", 10 ** 9), ("train", "sample_every", 10 ** 9),
             ("train", "checkpoint_every", 10 ** 9), ("train", "log_every", 10 ** 9)])
         result = train(config, run_name="bench", log=lambda *a: None, show_progress=False)
     return {"val_loss_at_budget": result.val_loss, "steps_at_budget": result.step,
-            "epochs_at_budget": result.epoch}
+            "epochs_at_budget": result.epoch, "val_dropout": float(dropout)}
 
 
-def run_torch_peer(recipe, seconds, val_budget, corpus_path):
+def run_torch_peer(recipe, seconds, val_budget, corpus_path, val_dropout=0.0):
     if not TORCH_PEER.is_file():
         raise CharRNNError(f"{TORCH_PEER} not found: --vs-torch needs the repository checkout")
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,7 +274,7 @@ def run_torch_peer(recipe, seconds, val_budget, corpus_path):
         if corpus_path:
             command += ["--corpus", str(corpus_path)]
         if val_budget:
-            command += ["--val-budget", str(val_budget)]
+            command += ["--val-budget", str(val_budget), "--val-dropout", str(val_dropout)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -297,9 +301,11 @@ def bench_recipe(name, args):
     if not args.no_sample:
         result.update(measure_sampling_speed(model, args.sample_seconds))
     if args.val_budget:
-        result.update(measure_val_loss(config, args.val_budget, args.corpus))
+        # The peers' recipes take the dropout; min_char_rnn keeps its own (the seed's) recipe.
+        dropout = args.val_dropout if name in TORCH_RECIPES else 0.0
+        result.update(measure_val_loss(config, args.val_budget, args.corpus, dropout))
     if args.vs_torch and name in TORCH_RECIPES:
-        peer = run_torch_peer(name, args.seconds, args.val_budget, args.corpus)
+        peer = run_torch_peer(name, args.seconds, args.val_budget, args.corpus, args.val_dropout)
         result["torch"] = peer
         result["train_ratio_vs_torch"] = result["train_chars_per_sec"] / peer["train_chars_per_sec"]
         if "sample_chars_per_sec_1" in result:
@@ -354,6 +360,10 @@ def build_parser():
     parser.add_argument("--val-budget", type=float, default=None, metavar="SECONDS",
                         help="also train from scratch on tiny-shakespeare this long and report "
                              "the validation loss")
+    parser.add_argument("--val-dropout", type=float, default=0.1, metavar="P",
+                        help="dropout on each layer's output in the --val-budget runs, ours and "
+                             "the PyTorch peer's (default: 0.1, the shakespeare recipe's; 0 for "
+                             "none)")
     parser.add_argument("--corpus", default=str(SHARED_SHAKESPEARE),
                         help="the corpus for --val-budget (default: ../shared's tiny-shakespeare)")
     parser.add_argument("--preprocess-mb", type=float, default=100.0,
@@ -371,6 +381,8 @@ def main(argv=None):
     for name in ("seconds", "sample_seconds", "matmul_seconds"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if not 0.0 <= args.val_dropout < 1.0:
+        raise UsageError(f"--val-dropout must be in [0, 1), got {args.val_dropout}")
     if (args.val_budget or args.vs_torch) and not Path(args.corpus).is_file():
         needs = "--val-budget" if args.val_budget else "--vs-torch"
         raise CharRNNError(f"{needs} needs a corpus: {args.corpus} not found; pass --corpus")
