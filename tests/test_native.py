@@ -9,6 +9,11 @@ import pytest
 import tensorflow as tf
 
 from tf_charrnn import kernels, native
+from tf_charrnn.config import ModelConfig
+from tf_charrnn.data import Vocab
+from tf_charrnn.errors import UsageError
+from tf_charrnn.models import build_model
+from tf_charrnn.sample import Generator
 
 
 def test_native_library_builds_where_there_is_a_compiler():
@@ -57,6 +62,16 @@ def test_switched_off_it_does_not_build(tmp_path, monkeypatch, capsys):
     try:
         assert native.library() is None
         assert kernels.choose_loops(tf.float32) != "native"
+        # The sampler falls back to its XLA loop.
+        vocab = Vocab("ab \n")
+        keras.utils.set_random_seed(0)
+        model = build_model(ModelConfig(hidden_size=8, embedding_size=4, kernel="keras"), 4)
+        generator = Generator(model, vocab)
+        assert generator.loops == "xla"
+        assert generator.generate("ab", 5, seed=1) == Generator(
+            model, vocab, loops="xla").generate("ab", 5, seed=1)
+        with pytest.raises(UsageError, match="the native loop is not available here"):
+            Generator(model, vocab, loops="native")
     finally:
         native.library.cache_clear()
     assert capsys.readouterr().err == "" and list(tmp_path.iterdir()) == []

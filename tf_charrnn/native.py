@@ -6,14 +6,16 @@ lecture shapes; the same product in C++ (Eigen, then AVX-512 register tiles), wi
 rows split between the cores (rows never interact, so each core runs the whole time loop over
 its own rows; wide layers split their units instead), runs at about twice that or more.
 native_loops.cc holds the loops of kernels.py's _forward_loop and _backward_loop for LSTM, GRU
-and SimpleRNN as TensorFlow ops, with the same inputs, outputs and arithmetic.
+and SimpleRNN as TensorFlow ops, with the same inputs, outputs and arithmetic, and the sampler's
+generation loop (sample.py) as one op.
 
 The library is compiled with the system's C++ compiler (`$CXX`, else c++/g++/clang++) against
 the installed TensorFlow's headers, once per source, TensorFlow version, compiler and CPU, into
 the cache directory ($TF_CHARRNN_CACHE, else $XDG_CACHE_HOME/tf_charrnn, else
 ~/.cache/tf_charrnn); about 25 s the first time, a file load after that. Without a compiler,
 or if the build or the load fails, `library()` returns None, says why once on stderr, and the
-kernels run their tf.while_loops (XLA-compiled where available) instead: slower, same results.
+kernels run their tf.while_loops (XLA-compiled where available) instead: slower, same results;
+the sampler runs its XLA loop (draws from other random numbers).
 TF_CHARRNN_NATIVE=0 turns the native loops off.
 """
 

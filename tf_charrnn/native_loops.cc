@@ -18,8 +18,9 @@
 //          meet at a barrier once per step; they are started per call (not taken from
 //          TensorFlow's pool, whose threads may be busy elsewhere and would leave a barrier
 //          waiting).
-// One more op, TfCharrnnSumById, sums the first layer's gate gradients per character id (the
-// table source's dTable in kernels.py).
+// Two more ops: TfCharrnnSumById sums the first layer's gate gradients per character id (the
+// table source's dTable in kernels.py); TfCharrnnGenerate runs the sampler's whole generation
+// loop (sample.py) for a stack of layers, with the cells above, the head and the draw.
 
 #include <algorithm>
 #include <atomic>

@@ -259,14 +259,20 @@ def chunk_signature(model, batch_size=None):
 
 def resolve_loops(loops="auto"):
     """The generation loop to run: "auto" picks "native" where the native library loads, else
-    "xla"; "native", "xla" and "plain" (a tf.while_loop graph) are taken as they are."""
+    "xla"; "xla" and "plain" (a tf.while_loop graph) are taken as they are, and "native" where
+    the library does not load is a UsageError."""
     if loops not in LOOPS:
         raise UsageError(f"loops must be one of {', '.join(LOOPS)}, got {loops!r}")
-    if loops != "auto":
+    if loops in ("xla", "plain"):
         return loops
     from tf_charrnn import native
 
-    return "native" if native.library() is not None else "xla"
+    if native.library() is not None:
+        return "native"
+    if loops == "native":
+        raise UsageError("the native loop is not available here (no C++ compiler, a failed "
+                         "build, or TF_CHARRNN_NATIVE=0): use --loops auto or xla")
+    return "xla"
 
 
 def make_chunk_function(model, chunk_length=CHUNK_LENGTH, loops="xla", batch_size=None):
