@@ -14,9 +14,9 @@ The Generator owns the path from a prime to text:
   1) are inputs, so a loop is built once per Generator whatever the options. Three loops:
   native  one C++ op (native_loops.cc's TfCharrnnGenerate, built by native.py), the default
           where the library builds: the same weights and cell math, the rows split between the
-          threads; uniform numbers from a hash of (seed, position, row). K = 2048 (its per-call
-          work, about 1 ms, is the weights' preparation). Lecture model, two CPU cores: one
-          stream ~120k characters/s, 64 streams ~500k.
+          threads; uniform numbers from a hash of (seed, position, row). K = 2048: each call
+          also prepares the weights and crosses into TensorFlow, about 1 ms. Lecture model, two
+          CPU cores: one stream ~120k characters/s, 64 streams ~500k.
   xla     a `tf.function` holding a `tf.while_loop`, compiled with XLA: the loop the exported
           SavedModel (tf_charrnn.export) runs and the fallback without the native library; one
           stream ~60k, 64 streams ~210k, about 1.5 s of compilation per number of rows. Its
