@@ -54,10 +54,10 @@ def run(seconds=3.0, repeats=2, streams=(1, 64), kernel="auto"):
     model = lecture_model(kernel)
     generators = {"graph": Generator(model, vocab, loops="plain"),
                   "XLA": Generator(model, vocab, loops="xla")}
-    default = Generator(model, vocab)  # what Generator uses unless told otherwise
-    if default.loops == "native":
-        generators["native"] = default
-    default = {"native": "native", "xla": "XLA"}[default.loops]
+    auto = Generator(model, vocab)  # what Generator uses unless told otherwise
+    if auto.loops == "native":
+        generators["native"] = auto
+    default = {"native": "native", "xla": "XLA"}[auto.loops]
     results = {}
 
     def best(name, measure):

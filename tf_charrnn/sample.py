@@ -177,6 +177,13 @@ def model_step(model, ids, states, prepared=None):
     return logits, tuple(new_states)  # [N, V]
 
 
+def greedy_as_top_k(top_k, argmax):
+    """The generation loops' top_k: 1 when argmax, else top_k. Greedy is a cut to the single
+    largest logit: a second branch in the loop body costs more than the draw it would save
+    (measured under XLA on a CPU)."""
+    return tf.where(tf.cast(argmax, tf.bool), 1, tf.cast(top_k, tf.int32))
+
+
 def generate_ids(model, ids, states, num_steps, seed, position, temperature, top_k, top_p,
                  argmax):
     """The generation loop: num_steps characters for each row, drawn one after another.
@@ -190,9 +197,7 @@ def generate_ids(model, ids, states, num_steps, seed, position, temperature, top
     seed = tf.cast(seed, tf.int32)
     position = tf.cast(position, tf.int32)
 
-    # Greedy as a cut to the single largest logit: a second branch in the loop body costs more
-    # than the draw it would save (measured under XLA on a CPU).
-    top_k = tf.where(tf.cast(argmax, tf.bool), 1, tf.cast(top_k, tf.int32))
+    top_k = greedy_as_top_k(top_k, argmax)
 
     prepared = prepare_step(model)
 
@@ -238,7 +243,7 @@ def _generate_chunk_natively(model, num_steps, ids, states, seed, position, temp
         recurrent_biases=recurrent_biases, head_kernel=tf.cast(model.head.kernel, tf.float32),
         head_bias=tf.cast(model.head.bias, tf.float32), ids=ids,
         states=[tf.cast(state, tf.float32) for state in states], seed=seed, position=position,
-        temperature=temperature, top_k=tf.where(argmax, 1, top_k), top_p=top_p,
+        temperature=temperature, top_k=greedy_as_top_k(top_k, argmax), top_p=top_p,
         kind=_CELL_KINDS[model.cell], num_steps=num_steps)
     return drawn, tuple(tf.cast(state, model.state_dtype) for state in states)
 
