@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -126,11 +127,36 @@ def child_mirrored(corpus, out_dir):
     (out_dir / "refusals.json").write_text(json.dumps(messages))
 
 
-def child_worker(corpus, runs_dir, max_steps, sample_every, out_path):
-    """One worker of the cluster in TF_CONFIG (samples are the chief's job alone)."""
-    train_and_record(tiny_config(corpus, runs_dir, "multi_worker", int(max_steps),
-                                 ("train", "sample_every", int(sample_every)),
-                                 ("train", "sample_length", 10)), out_path)
+class StopAfter:
+    """A stop flag that turns on after it has been asked `calls` times (like a Ctrl-C)."""
+
+    signal_name = "SIGTERM"
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __bool__(self):
+        self.calls -= 1
+        return self.calls < 0
+
+
+def child_worker(corpus, runs_dir, max_steps, sample_every, out_path, max_seconds="0",
+                 clock_rate="1", stop_after="0"):
+    """One worker of the cluster in TF_CONFIG (samples are the chief's job alone). With
+    max_seconds, a time-budgeted cosine run whose trainer reads a clock running clock_rate
+    times as fast as the real one; with stop_after, a stop signal after that many checks."""
+    from tf_charrnn import train as trainer
+
+    overrides = [("train", "sample_every", int(sample_every)), ("train", "sample_length", 10)]
+    if float(max_seconds):
+        overrides += [("train", "max_seconds", float(max_seconds)),
+                      ("train", "schedule", "cosine")]
+        start, real_clock = time.perf_counter(), time.perf_counter
+        trainer.time = types.SimpleNamespace(**{
+            **vars(time), "perf_counter": lambda: start + float(clock_rate) * (real_clock() - start)})
+    stop_flag = StopAfter(int(stop_after)) if int(stop_after) else None
+    train_and_record(tiny_config(corpus, runs_dir, "multi_worker", int(max_steps), *overrides),
+                     out_path, stop_flag=stop_flag)
 
 
 # --- the pytest side -----------------------------------------------------------------------------
@@ -184,11 +210,12 @@ def tails(logs, lines=25):
 
 
 def checkpoint_tensors(prefix):
-    """{name: array} of every numeric tensor in a checkpoint."""
+    """{name: array} of every numeric tensor in a checkpoint but the wall-clock seconds_trained."""
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(str(prefix))
-    tensors = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    tensors = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+               if not name.startswith("seconds_trained/")}
     return {name: value for name, value in tensors.items()
             if isinstance(value, np.ndarray) and value.dtype.kind in "fiu"}
 
@@ -226,7 +253,8 @@ def test_two_cpu_replicas_train_exactly_like_one_device(tiny_corpus, tmp_path):
     assert "train.jit_compile works on one device only, not on 2 replicas" in refusals["jit"]
 
 
-def run_workers(corpus, runs_dirs, max_steps, sample_every, tmp_path, phase):
+def run_workers(corpus, runs_dirs, max_steps, sample_every, tmp_path, phase, max_seconds=0,
+                clock_rates=(1, 1), stops_after=(0, 0)):
     """Two workers on 127.0.0.1 training together; returns (recordings, logs) per worker."""
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
@@ -234,7 +262,8 @@ def run_workers(corpus, runs_dirs, max_steps, sample_every, tmp_path, phase):
     for index, runs_dir in enumerate(runs_dirs):
         outs.append(tmp_path / f"{phase}_worker{index}.npz")
         commands.append([sys.executable, str(THIS_FILE), "worker", str(corpus), str(runs_dir),
-                         str(max_steps), str(sample_every), str(outs[-1])])
+                         str(max_steps), str(sample_every), str(outs[-1]), str(max_seconds),
+                         str(clock_rates[index]), str(stops_after[index])])
         logs.append(tmp_path / f"{phase}_worker{index}.log")
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         envs.append(child_env(TF_CONFIG=json.dumps(tf_config)))
@@ -289,6 +318,40 @@ def test_two_workers_train_like_one_device_and_only_the_chief_writes(tiny_corpus
     for name, value in reference_tensors.items():
         np.testing.assert_allclose(cluster_tensors[name], value, err_msg=name,
                                    **WEIGHT_TOLERANCE)
+
+
+def test_two_workers_agree_on_when_a_time_budget_ends(tiny_corpus, tmp_path):
+    """Worker 1's clock runs twice as fast: unless the workers agree on the time, worker 1
+    leaves the loop first and worker 0 waits in a collective, and the cosine schedule, which
+    follows the time spent, gives each worker its own learning rate."""
+    import tensorflow as tf
+
+    from tf_charrnn.runs import Run
+
+    (chief, worker), _ = run_workers(tiny_corpus, [tmp_path / "chief", tmp_path / "worker"],
+                                     10 ** 6, 10 ** 6, tmp_path, "timed", max_seconds=4,
+                                     clock_rates=(1, 2))
+    assert_workers_in_lockstep(chief, worker)
+    assert len(chief["steps"]) > 1
+    newest = Run(tmp_path / "chief" / "run").checkpoints.complete()[0]
+    assert newest.step == chief["steps"][-1]
+    seconds = tf.train.load_checkpoint(str(newest.prefix)).get_tensor(
+        "seconds_trained/.ATTRIBUTES/VARIABLE_VALUE")
+    assert 4 <= seconds < 30
+
+
+def test_a_stop_signal_to_one_worker_stops_every_worker(tiny_corpus, tmp_path):
+    from tf_charrnn.runs import Run
+
+    (chief, worker), (chief_log, _) = run_workers(
+        tiny_corpus, [tmp_path / "chief", tmp_path / "worker"], 1000, 1000, tmp_path, "stopped",
+        stops_after=(0, 6))
+    assert_workers_in_lockstep(chief, worker)
+    assert 1 <= len(chief["steps"]) < 1000
+    run = Run(tmp_path / "chief" / "run")
+    assert [info.step for info in run.checkpoints.complete()] == [chief["steps"][-1]]
+    assert (f"stopped by a signal to another worker at step {chief['steps'][-1]}; checkpoint "
+            f"saved") in chief_log
 
 
 def test_multi_worker_without_tf_config_names_the_variable(monkeypatch):

@@ -269,6 +269,76 @@ def test_warmup_then_cosine_reaches_the_floor():
     assert float(learning_rate_at(110, config, 50, 110)) == pytest.approx(0.1)
 
 
+def test_cosine_and_wsd_follow_the_steps_or_the_time_budget_whichever_is_further():
+    config = TrainConfig(learning_rate=1.0, schedule="cosine", max_seconds=60.0)
+    assert float(learning_rate_at(0, config, 50, 1000, seconds_trained=30)) == pytest.approx(0.5)
+    assert float(learning_rate_at(500, config, 50, 1000, seconds_trained=15)) == pytest.approx(0.5)
+    assert float(learning_rate_at(10, config, 50, 1000, seconds_trained=90)) == pytest.approx(0.0)
+    no_budget = TrainConfig(learning_rate=1.0, schedule="cosine")
+    assert float(learning_rate_at(500, no_budget, 50, 1000, 30)) == pytest.approx(0.5)
+    wsd = TrainConfig(learning_rate=1.0, schedule="wsd", cooldown_fraction=0.2,
+                      min_learning_rate=0.1, max_seconds=60.0)
+    assert float(learning_rate_at(700, wsd, 50, 1000, seconds_trained=30)) == pytest.approx(1.0)
+    assert float(learning_rate_at(0, wsd, 50, 1000, seconds_trained=54)) == pytest.approx(0.55)
+    assert float(learning_rate_at(900, wsd, 50, 1000, seconds_trained=30)) == pytest.approx(0.55)
+    assert float(learning_rate_at(0, wsd, 50, 1000, seconds_trained=61)) == pytest.approx(0.1)
+    exponential = TrainConfig(learning_rate=0.002, decay_rate=0.97, max_seconds=60.0)
+    assert float(learning_rate_at(0, exponential, 100, 1000, 55)) == pytest.approx(0.002)
+
+
+def seconds_trained(run_path):
+    prefix = Run(run_path).checkpoints.complete()[0].prefix
+    return float(tf.train.load_checkpoint(str(prefix)).get_tensor(
+        "seconds_trained/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def test_a_time_budget_anneals_the_cosine_rate_and_a_resumed_run_continues_it(
+        tiny_corpus, tmp_path, capsys):
+    """--max-seconds counts the run's training time over all its calls, as --max-steps counts
+    its steps; the cosine rate follows that time down to its floor."""
+    def budget(seconds):
+        return tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_seconds", seconds),
+                           ("train", "schedule", "cosine"), ("train", "epochs", 10 ** 4),
+                           ("train", "log_every", 1), ("train", "eval_every", 10 ** 6),
+                           ("train", "checkpoint_every", 10 ** 6))
+
+    first = train(budget(3.0), run_name="t")
+    assert first.step > 10 and 3.0 <= seconds_trained(first.run_path) < 3.0 + 10
+    rates = [value for _, value in read_scalars(first.run_path)[0]["learning_rate"]]
+    assert np.all(np.diff(rates) <= 1e-9) and rates[0] <= 0.002 and rates[-1] < 0.1 * 0.002
+
+    again = train(budget(3.0), run_name="t")  # its budget is spent: nothing more to train
+    assert again.step == first.step and not again.losses
+    assert "the run has trained its 3 seconds (--max-seconds)" in capsys.readouterr().out
+
+    longer = train(budget(6.0), run_name="t")
+    assert longer.step > first.step and seconds_trained(longer.run_path) >= 6.0
+    resumed_rates = [value for step, value in read_scalars(longer.run_path)[0]["learning_rate"]
+                     if step > first.step]
+    # Resumed at >= 3 of 6 seconds: at most half the rate, never back at the start.
+    assert rates[-1] < resumed_rates[0] <= 0.5 * 0.002 + 1e-9
+    assert resumed_rates[-1] < 0.1 * 0.002
+
+
+def test_a_checkpoint_from_before_seconds_trained_resumes(tiny_corpus, tmp_path, monkeypatch):
+    from tf_charrnn.train import TrainProgress
+
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 4))
+    full = TrainProgress.trackables
+    monkeypatch.setattr(TrainProgress, "trackables",
+                        lambda self: {k: v for k, v in full(self).items()
+                                      if k != "seconds_trained"})
+    old = train(config, run_name="old")
+    names = [name for name, _ in tf.train.list_variables(
+        str(Run(old.run_path).checkpoints.complete()[0].prefix))]
+    assert not any(name.startswith("seconds_trained") for name in names)
+    monkeypatch.setattr(TrainProgress, "trackables", full)
+    resumed = train(tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 8)),
+                    run_name="old")
+    assert resumed.step == 8 and len(resumed.losses) == 4
+    assert 0 < seconds_trained(resumed.run_path) < 60
+
+
 def test_min_char_rnn_recipe_reports_its_smoothed_loss(tiny_corpus, tmp_path, capsys):
     code = run_cli(main, ["--config", "configs/min_char_rnn.yaml", "--corpus", str(tiny_corpus),
                           "--runs-dir", str(tmp_path / "runs"), "--run", "mc",

@@ -17,7 +17,7 @@ CELL_CHOICES = ("rnn", "lstm", "gru")
 PRECISION_CHOICES = ("float32", "mixed_float16", "mixed_bfloat16")
 KERNEL_CHOICES = ("auto", "keras", "fused")
 OPTIMIZER_CHOICES = ("adam", "rmsprop", "adagrad", "sgd")
-SCHEDULE_CHOICES = ("exponential", "cosine", "constant")
+SCHEDULE_CHOICES = ("exponential", "cosine", "wsd", "constant")
 CLIP_CHOICES = ("global_norm", "value", "none")
 LOSS_REDUCTION_CHOICES = ("mean", "sum_over_time")
 STRATEGY_CHOICES = ("auto", "one_device", "mirrored", "multi_worker")
@@ -55,16 +55,19 @@ class ModelConfig:
 class TrainConfig:
     optimizer: str = "adam"
     learning_rate: float = 0.002
-    schedule: str = "exponential"        # lr * decay_rate ** epoch, or warmup + cosine over max steps
+    schedule: str = "exponential"        # lr * decay_rate ** epoch; cosine or wsd over the steps,
+                                         # or over max_seconds when that ends first; constant
     decay_rate: float = 0.97
     warmup_steps: int = 0
-    min_learning_rate: float = 0.0       # cosine floor
+    min_learning_rate: float = 0.0       # where cosine and wsd end
+    cooldown_fraction: float = 0.2       # wsd: the last share of the run, decaying linearly
     clip: str = "global_norm"
     clip_threshold: float = 5.0          # global norm, or element value for clip: value
     loss_reduction: str = "mean"         # sum_over_time: min-char-rnn's loss, summed over the chunk
     epochs: int = 50
     max_steps: typing.Optional[int] = None
-    max_seconds: typing.Optional[float] = None  # stop (and save) after this much training time
+    max_seconds: typing.Optional[float] = None  # stop (and save) when the run has trained this
+                                                # long, over all its resumptions
     seed: int = 0
     eval_every: int = 1000
     sample_every: int = 1000
@@ -252,6 +255,8 @@ def validate(config):
              f"must be in (0, 1], got {train.decay_rate}")
     _require(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(train.min_learning_rate >= 0, "train.min_learning_rate", "must be >= 0")
+    _require(0.0 < train.cooldown_fraction <= 1.0, "train.cooldown_fraction",
+             f"must be in (0, 1], got {train.cooldown_fraction}")
     _require_choice("train.clip", train.clip, CLIP_CHOICES)
     _require(train.clip_threshold > 0, "train.clip_threshold",
              f"must be positive, got {train.clip_threshold}")

@@ -6,10 +6,11 @@ train(config) reads top to bottom: corpus -> TextLoader -> run directory (locked
 optimiser under the distribution strategy's scope -> restore the newest good checkpoint -> loop.
 The loop feeds K batches at a time to one compiled call that runs K steps; the hidden state is
 carried from batch to batch within an epoch (truncated BPTT over the loader's continuing rows) and
-reset at each epoch. The learning rate is a pure function of the step. Checkpoints hold everything
+reset at each epoch. The learning rate is a function of the step, and for the cosine schedule
+under a time budget (max_seconds) of the share of that budget spent. Checkpoints hold everything
 a resumed run needs to continue exactly: model, optimiser slots, step, epoch, batch pointer,
-carried state and the smoothed loss; dropout masks are drawn from the seed and the step, so a
-resumed run draws the same ones. TensorFlow is imported inside functions, so `--help` and
+carried state, the seconds trained and the smoothed loss; dropout masks are drawn from the seed
+and the step, so a resumed run draws the same ones. TensorFlow is imported inside functions, so `--help` and
 argument errors answer without loading it.
 """
 
@@ -34,25 +35,36 @@ LN2 = math.log(2.0)
 
 # --- learning rate -------------------------------------------------------------------------------
 
-def learning_rate_at(step, train_config: TrainConfig, steps_per_epoch, total_steps):
-    """The learning rate at a step (a float or a scalar tensor): a pure function of the step.
+def learning_rate_at(step, train_config: TrainConfig, steps_per_epoch, total_steps,
+                     seconds_trained=0.0):
+    """The learning rate at a step (a float or a scalar tensor).
 
     exponential: learning_rate * decay_rate ** epoch, epoch = step // steps_per_epoch (the lecture).
-    cosine: linear warmup over warmup_steps, then cosine from learning_rate to min_learning_rate
-    at total_steps. constant: learning_rate (after the warmup).
+    cosine and wsd (warmup, stable, decay) run on the run's progress p from 0 to 1: the larger of
+    the steps done after the warmup over those left to total_steps and, under a time budget,
+    seconds_trained over max_seconds, so a run that max_seconds stops ends its schedule as its
+    time runs out. cosine: from learning_rate to min_learning_rate along a half cosine in p.
+    wsd: learning_rate until p = 1 - cooldown_fraction, then linearly down to min_learning_rate
+    at p = 1. constant: learning_rate. All of them after a linear warmup over warmup_steps.
     """
     import tensorflow as tf
 
     step = tf.cast(step, tf.float32)
-    base = train_config.learning_rate
+    base, floor = train_config.learning_rate, train_config.min_learning_rate
     if train_config.schedule == "exponential":
         epoch = tf.floor(step / float(max(steps_per_epoch, 1)))
         rate = base * tf.pow(train_config.decay_rate, epoch)
-    elif train_config.schedule == "cosine":
+    elif train_config.schedule in ("cosine", "wsd"):
         span = float(max(total_steps - train_config.warmup_steps, 1))
         progress = tf.clip_by_value((step - train_config.warmup_steps) / span, 0.0, 1.0)
-        floor = train_config.min_learning_rate
-        rate = floor + (base - floor) * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        if train_config.max_seconds:
+            spent = tf.cast(seconds_trained, tf.float32) / float(train_config.max_seconds)
+            progress = tf.maximum(progress, tf.minimum(spent, 1.0))
+        if train_config.schedule == "cosine":
+            share = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        else:
+            share = tf.minimum(1.0, (1.0 - progress) / train_config.cooldown_fraction)
+        rate = floor + (base - floor) * share
     else:
         rate = tf.constant(base, tf.float32)
     if train_config.warmup_steps > 0:
@@ -60,12 +72,15 @@ def learning_rate_at(step, train_config: TrainConfig, steps_per_epoch, total_ste
     return rate
 
 
-def make_schedule(train_config, steps_per_epoch, total_steps):
+def make_schedule(train_config, steps_per_epoch, total_steps, seconds_trained=None):
+    """learning_rate_at as a Keras schedule; seconds_trained: the variable the loop keeps (the
+    run's training time, against train_config.max_seconds), or None."""
     import keras
 
     class StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
-            return learning_rate_at(step, train_config, steps_per_epoch, total_steps)
+            seconds = 0.0 if seconds_trained is None else seconds_trained.read_value()
+            return learning_rate_at(step, train_config, steps_per_epoch, total_steps, seconds)
 
         def get_config(self):
             return {}
@@ -126,13 +141,21 @@ def is_chief(strategy):
                                     "chief" not in resolver.cluster_spec().as_dict())
 
 
-def check_workers_agree(strategy, step, run_path):
-    """Fail on every worker unless all of them start from the same step (a collective call)."""
+def make_worker_gather(strategy):
+    """A function: this worker's float values [n] -> every worker's, [workers, n] (a collective
+    call, so every worker must make it at the same point)."""
     import tensorflow as tf
 
-    local = tf.constant([step], tf.int64)
-    steps = tf.function(lambda: strategy.gather(strategy.run(tf.identity, (local,)), axis=0))()
-    steps = steps.numpy().tolist()
+    @tf.function
+    def gather(local):
+        return strategy.gather(strategy.run(tf.identity, (local[tf.newaxis],)), axis=0)
+
+    return lambda values: gather(tf.constant(values, tf.float64)).numpy()
+
+
+def check_workers_agree(strategy, step, run_path):
+    """Fail on every worker unless all of them start from the same step (a collective call)."""
+    steps = [int(value) for value in make_worker_gather(strategy)([step])[:, 0]]
     if len(set(steps)) > 1:
         raise CharRNNError(f"the workers start from different steps ({', '.join(map(str, steps))}):"
                            f" every worker must read the chief's run {run_path}, so give them one "
@@ -152,13 +175,31 @@ class TrainProgress:
         self.smooth_loss = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="smooth_loss")
         self.best_val_loss = tf.Variable(np.inf, dtype=tf.float64, trainable=False,
                                          name="best_val_loss")
+        # The run's training time over all its calls of train: what max_seconds limits, and the
+        # cosine schedule's clock under it.
+        self.seconds_trained = tf.Variable(0.0, dtype=tf.float64, trainable=False,
+                                           name="seconds_trained")
         self.states = [tf.Variable(state, trainable=False, name=f"state_{index}")
                        for index, state in enumerate(model.zero_states(batch_size))]
 
     def trackables(self):
         return {"epoch": self.epoch, "batch_index": self.batch_index,
                 "smooth_loss": self.smooth_loss, "best_val_loss": self.best_val_loss,
+                "seconds_trained": self.seconds_trained,
                 **{f"state_{index}": state for index, state in enumerate(self.states)}}
+
+    def trackables_in(self, prefix):
+        """trackables() less seconds_trained where checkpoint prefix predates it (it stays 0)."""
+        import tensorflow as tf
+
+        trackables = self.trackables()
+        try:
+            names = [name for name, _ in tf.train.list_variables(prefix)]
+        except (tf.errors.OpError, ValueError):
+            return trackables  # unreadable: restore_checkpoint says so
+        if not any(name.startswith("seconds_trained/") for name in names):
+            del trackables["seconds_trained"]
+        return trackables
 
     def reset_states(self):
         for state in self.states:
@@ -458,17 +499,20 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
         total_steps = train_config.max_steps or train_config.epochs * steps_per_epoch
         with strategy.scope():
             model = build_model(config.model, len(vocab))
-            schedule = make_schedule(train_config, steps_per_epoch, total_steps)
+            progress = TrainProgress(model, data.batch_size)
+            schedule = make_schedule(train_config, steps_per_epoch, total_steps,
+                                     progress.seconds_trained)
             optimizer = make_optimizer(train_config, schedule, config.model.precision)
             optimizer.build(model.trainable_variables)
-            progress = TrainProgress(model, data.batch_size)
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                          **progress.trackables())
         if resuming:
             info = run.newest_checkpoint(say)
             if info is None:
                 raise CharRNNError(f"every checkpoint of {run_path} is damaged: start a new --run")
-            restore_checkpoint(checkpoint, info, vocab, what="training state")
+            reader = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                         **progress.trackables_in(str(info.prefix)))
+            restore_checkpoint(reader, info, vocab, what="training state")
             step = int(optimizer.iterations.numpy())  # int() fails on a distributed variable
             say(f"resumed {run_path} from {info.prefix} (step {step})")
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -500,6 +544,11 @@ class _Loop:
         self.optimizer, self.progress, self.checkpoint = optimizer, progress, checkpoint
         self.chief, self.total_steps, self.say, self.stop = chief, total_steps, say, stop
         self.show_progress = show_progress
+        # Workers must agree on when the time is up and on a stop signal, or one would wait
+        # forever in a collective the others left; and on the time spent, which sets the rate.
+        self.worker_gather = (make_worker_gather(strategy) if
+                              isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                              else None)
         self.train_call = make_train_call(model, optimizer, progress, strategy, config)
         self.eval_call = make_eval_call(model, config)
         self.writer = tf.summary.create_file_writer(str(run.path)) if chief else None
@@ -512,7 +561,20 @@ class _Loop:
 
     def _learning_rate(self):
         t = self.config.train
-        return float(learning_rate_at(self.step, t, self.loader.num_batches, self.total_steps))
+        return float(learning_rate_at(self.step, t, self.loader.num_batches, self.total_steps,
+                                      self._seconds_trained()))
+
+    def _seconds_trained(self):
+        return float(self.progress.seconds_trained.numpy())
+
+    def _clock(self, started_at):
+        """(seconds trained in this call of train, whether a stop signal came), the same on every
+        worker: the longest time and any signal."""
+        elapsed, signalled = time.perf_counter() - started_at, bool(self.stop)
+        if self.worker_gather is not None:
+            every = self.worker_gather([elapsed, float(signalled)])
+            elapsed, signalled = float(every[:, 0].max()), bool(every[:, 1].max() > 0)
+        return elapsed, signalled
 
     def run(self):
         t, data = self.config.train, self.config.data
@@ -528,8 +590,20 @@ class _Loop:
         started_at = time.perf_counter()
         rate_since, rate_steps = None, 0  # the ETA's clock starts after the first (compiling) call
         max_seconds = t.max_seconds or float("inf")
-        while (self.step < self.total_steps and not self.stop
-               and time.perf_counter() - started_at < max_seconds):
+        seconds_before = self._seconds_trained()  # by earlier calls of train (a resumed run)
+        while True:
+            elapsed, signalled = self._clock(started_at)
+            self.progress.seconds_trained.assign(seconds_before + elapsed)
+            if signalled:
+                stopped = "interrupted"
+                break
+            if self.step >= self.total_steps or seconds_before + elapsed >= max_seconds:
+                if not losses:  # a resumed run that had already finished
+                    spent = (f"its {self.total_steps} steps" if self.step >= self.total_steps
+                             else f"its {max_seconds:g} seconds (--max-seconds)")
+                    self.say(f"the run has trained {spent}: raise --epochs, --max-steps or "
+                             f"--max-seconds to train it further")
+                break
             epoch, batch = int(self.progress.epoch.numpy()), int(self.progress.batch_index.numpy())
             if batch >= self.loader.num_batches:  # epoch done: next epoch, fresh state
                 self.progress.epoch.assign_add(1)
@@ -563,7 +637,7 @@ class _Loop:
                 rate_since, rate_steps, rate = time.perf_counter(), step, 0.0
             else:
                 rate = (step - rate_steps) / max(time.perf_counter() - rate_since, 1e-9)
-            seconds_left = max_seconds - (time.perf_counter() - started_at)
+            seconds_left = max_seconds - seconds_before - (time.perf_counter() - started_at)
             line.update(self._status(step, losses[-1], chars_per_sec, rate, seconds_left))
             if self._crossed(step, count, t.eval_every):
                 self._validate(line)
@@ -571,16 +645,14 @@ class _Loop:
                 self._sample(line)
             if self._crossed(step, count, t.checkpoint_every):
                 self._save(line)
-        if self.stop and stopped == "done":
-            stopped = "interrupted"
         if stopped != "nan":
-            if not self.stop:  # finished (steps or time): a last validation before the save
+            if stopped == "done":  # finished (steps or time): a last validation before the save
                 self._validate(line)
             self._save(line)
         line.close()
         if stopped == "interrupted":
-            self.say(f"stopped by {self.stop.signal_name} at step {self.step}; checkpoint saved: "
-                     f"resume with --run {self.run_dir.path.name}")
+            self.say(f"stopped by {self.stop.signal_name or 'a signal to another worker'} at step "
+                     f"{self.step}; checkpoint saved: resume with --run {self.run_dir.path.name}")
         if self.writer is not None:
             self.writer.flush()
         return TrainResult(self.run_dir.path, self.step, int(self.progress.epoch.numpy()), losses,
@@ -706,7 +778,8 @@ FIELD_FLAGS = {
              "seq_length", "val_fraction"),
     "model": ("cell", "num_layers", "hidden_size", "embedding_size", "dropout", "precision",
               "kernel"),
-    "train": ("optimizer", "learning_rate", "schedule", "decay_rate", "warmup_steps", "clip",
+    "train": ("optimizer", "learning_rate", "schedule", "decay_rate", "warmup_steps",
+              "cooldown_fraction", "clip",
               "clip_threshold", "epochs", "max_steps", "max_seconds", "seed", "eval_every",
               "sample_every",
               "checkpoint_every", "log_every", "steps_per_call", "strategy", "runs_dir"),
