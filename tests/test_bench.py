@@ -72,8 +72,11 @@ def test_the_budget_run_trains_with_the_given_dropout(tmp_path, monkeypatch):
     corpus = tmp_path / "input.txt"
     corpus.write_text("some text\n" * 50)
     result = bench.measure_val_loss(bench.recipe_config("gru"), 3, corpus, dropout=0.1)
-    (config,) = seen
+    cosine = bench.measure_val_loss(bench.recipe_config("gru"), 3, corpus, schedule="cosine")
+    config, cosine_config = seen
     assert (config.model.cell, config.model.hidden_size, config.model.dropout) == ("gru", 128, 0.1)
     assert config.train.max_seconds == 3 and config.data.val_fraction == 0.1
+    assert (config.train.schedule, cosine_config.train.schedule) == ("exponential", "cosine")
     assert result == {"val_loss_at_budget": 1.5, "steps_at_budget": 7, "epochs_at_budget": 1,
-                      "val_dropout": 0.1}
+                      "val_dropout": 0.1, "val_schedule": "exponential"}
+    assert cosine["val_schedule"] == "cosine" and cosine_config.model.dropout == 0.0

@@ -16,8 +16,9 @@ For each recipe (lecture, medium, large, gru, min_char_rnn) it measures, in one 
   in a child process so its peak memory is its own;
 - val_loss_at_budget (with --val-budget S): tiny-shakespeare, 90/10 split, trained from scratch
   for S seconds by the real trainer, with dropout --val-dropout (default 0.1, the shakespeare
-  recipe's) on each layer's output; the PyTorch peer's budget run gets the same dropout (the
-  throughput runs have none on either side);
+  recipe's) on each layer's output and our schedule --val-schedule (default the recipe's); the
+  PyTorch peer's budget run gets the same dropout and a constant rate (the throughput runs have
+  no dropout on either side);
 - peak_rss_mb of the benchmark process.
 `--vs-torch` runs benchmarks/torch_peer.py (PyTorch, same model math) in turn for each recipe, in
 a child process, and prints tf_charrnn / PyTorch ratios measured in the same run.
@@ -242,10 +243,10 @@ def measure_preprocess(megabytes):
             "preprocess_peak_rss_mb": result["peak_rss_mb"]}
 
 
-def measure_val_loss(config, budget_seconds, corpus_path, dropout=0.0):
+def measure_val_loss(config, budget_seconds, corpus_path, dropout=0.0, schedule=None):
     """Validation loss after budget_seconds of training from scratch (90/10 split), dropout on
-    each layer's output. The time budget is what stops the run, not the recipe's epoch count
-    (the PyTorch peer has none)."""
+    each layer's output, the recipe's learning-rate schedule or the one given. The time budget is
+    what stops the run, not the recipe's epoch count (the PyTorch peer has none)."""
     from tf_charrnn.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,13 +256,15 @@ def measure_val_loss(config, budget_seconds, corpus_path, dropout=0.0):
         config = apply_overrides(config, [
             ("data", "corpus", str(corpus)), ("data", "val_fraction", 0.1),
             ("model", "dropout", float(dropout)),
+            ("train", "schedule", schedule or config.train.schedule),
             ("train", "max_seconds", float(budget_seconds)), ("train", "epochs", 10 ** 6),
             ("train", "runs_dir", tmp),
             ("train", "eval_every", 10 ** 9), ("train", "sample_every", 10 ** 9),
             ("train", "checkpoint_every", 10 ** 9), ("train", "log_every", 10 ** 9)])
         result = train(config, run_name="bench", log=lambda *a: None, show_progress=False)
     return {"val_loss_at_budget": result.val_loss, "steps_at_budget": result.step,
-            "epochs_at_budget": result.epoch, "val_dropout": float(dropout)}
+            "epochs_at_budget": result.epoch, "val_dropout": float(dropout),
+            "val_schedule": schedule or config.train.schedule}
 
 
 def run_torch_peer(recipe, seconds, val_budget, corpus_path, val_dropout=0.0):
@@ -303,7 +306,8 @@ def bench_recipe(name, args):
     if args.val_budget:
         # The peers' recipes take the dropout; min_char_rnn keeps its own (the seed's) recipe.
         dropout = args.val_dropout if name in TORCH_RECIPES else 0.0
-        result.update(measure_val_loss(config, args.val_budget, args.corpus, dropout))
+        result.update(measure_val_loss(config, args.val_budget, args.corpus, dropout,
+                                       args.val_schedule))
     if args.vs_torch and name in TORCH_RECIPES:
         peer = run_torch_peer(name, args.seconds, args.val_budget, args.corpus, args.val_dropout)
         result["torch"] = peer
@@ -364,6 +368,11 @@ def build_parser():
                         help="dropout on each layer's output in the --val-budget runs, ours and "
                              "the PyTorch peer's (default: 0.1, the shakespeare recipe's; 0 for "
                              "none)")
+    parser.add_argument("--val-schedule", default=None,
+                        choices=("exponential", "cosine", "wsd", "constant"),
+                        help="our learning-rate schedule in the --val-budget runs (default: the "
+                             "recipe's, x0.97 per epoch; cosine and wsd end theirs with the "
+                             "budget; the PyTorch peer keeps a constant rate)")
     parser.add_argument("--corpus", default=str(SHARED_SHAKESPEARE),
                         help="the corpus for --val-budget (default: ../shared's tiny-shakespeare)")
     parser.add_argument("--preprocess-mb", type=float, default=100.0,
