@@ -151,9 +151,9 @@ def child_worker(corpus, runs_dir, max_steps, sample_every, out_path, max_second
     if float(max_seconds):
         overrides += [("train", "max_seconds", float(max_seconds)),
                       ("train", "schedule", "cosine")]
-        start, real_clock = time.perf_counter(), time.perf_counter
+        start, real_clock, rate = time.perf_counter(), time.perf_counter, float(clock_rate)
         trainer.time = types.SimpleNamespace(**{
-            **vars(time), "perf_counter": lambda: start + float(clock_rate) * (real_clock() - start)})
+            **vars(time), "perf_counter": lambda: start + rate * (real_clock() - start)})
     stop_flag = StopAfter(int(stop_after)) if int(stop_after) else None
     train_and_record(tiny_config(corpus, runs_dir, "multi_worker", int(max_steps), *overrides),
                      out_path, stop_flag=stop_flag)

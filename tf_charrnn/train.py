@@ -6,12 +6,12 @@ train(config) reads top to bottom: corpus -> TextLoader -> run directory (locked
 optimiser under the distribution strategy's scope -> restore the newest good checkpoint -> loop.
 The loop feeds K batches at a time to one compiled call that runs K steps; the hidden state is
 carried from batch to batch within an epoch (truncated BPTT over the loader's continuing rows) and
-reset at each epoch. The learning rate is a function of the step, and for the cosine schedule
-under a time budget (max_seconds) of the share of that budget spent. Checkpoints hold everything
-a resumed run needs to continue exactly: model, optimiser slots, step, epoch, batch pointer,
-carried state, the seconds trained and the smoothed loss; dropout masks are drawn from the seed
-and the step, so a resumed run draws the same ones. TensorFlow is imported inside functions, so `--help` and
-argument errors answer without loading it.
+reset at each epoch. The learning rate is a function of the step, and for the cosine and wsd
+schedules under a time budget (max_seconds) of the share of that budget spent. Checkpoints hold
+everything a resumed run needs to continue exactly: model, optimiser slots, step, epoch, batch
+pointer, carried state, the seconds trained and the smoothed loss; dropout masks are drawn from
+the seed and the step, so a resumed run draws the same ones. TensorFlow is imported inside
+functions, so `--help` and argument errors answer without loading it.
 """
 
 import dataclasses
@@ -176,7 +176,7 @@ class TrainProgress:
         self.best_val_loss = tf.Variable(np.inf, dtype=tf.float64, trainable=False,
                                          name="best_val_loss")
         # The run's training time over all its calls of train: what max_seconds limits, and the
-        # cosine schedule's clock under it.
+        # clock of the cosine and wsd schedules under it.
         self.seconds_trained = tf.Variable(0.0, dtype=tf.float64, trainable=False,
                                            name="seconds_trained")
         self.states = [tf.Variable(state, trainable=False, name=f"state_{index}")
