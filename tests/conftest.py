@@ -17,6 +17,19 @@ TINY_TEXT = (
 ) * 40
 
 
+class StopAfter:
+    """A stop flag that turns on after it has been asked `calls` times (like a Ctrl-C)."""
+
+    signal_name = "SIGINT"
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __bool__(self):
+        self.calls -= 1
+        return self.calls < 0
+
+
 @pytest.fixture
 def shakespeare_path():
     """The shared tiny-shakespeare file; the test is skipped when it is not there."""

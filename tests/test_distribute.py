@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import StopAfter
 from tf_charrnn.config import Config, apply_overrides
 
 THIS_FILE = Path(__file__).resolve()
@@ -125,19 +126,6 @@ def child_mirrored(corpus, out_dir):
         except UsageError as error:
             messages[name] = str(error)
     (out_dir / "refusals.json").write_text(json.dumps(messages))
-
-
-class StopAfter:
-    """A stop flag that turns on after it has been asked `calls` times (like a Ctrl-C)."""
-
-    signal_name = "SIGTERM"
-
-    def __init__(self, calls):
-        self.calls = calls
-
-    def __bool__(self):
-        self.calls -= 1
-        return self.calls < 0
 
 
 def child_worker(corpus, runs_dir, max_steps, sample_every, out_path, max_seconds="0",

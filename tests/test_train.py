@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import StopAfter
 from tf_charrnn.cli import run_cli
 from tf_charrnn.config import Config, TrainConfig, apply_overrides
 from tf_charrnn.errors import CharRNNError
@@ -150,19 +151,6 @@ def test_a_second_trainer_on_the_same_run_is_refused(tiny_corpus, tmp_path):
         with pytest.raises(CharRNNError, match="is in use by another trainer"):
             train(tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 2)),
                   run_name="locked")
-
-
-class StopAfter:
-    """A stop flag that turns on after it has been asked `calls` times (like a Ctrl-C)."""
-
-    signal_name = "SIGINT"
-
-    def __init__(self, calls):
-        self.calls = calls
-
-    def __bool__(self):
-        self.calls -= 1
-        return self.calls < 0
 
 
 def test_interrupt_saves_a_checkpoint_that_resumes(tiny_corpus, tmp_path, capsys):
