@@ -281,6 +281,136 @@ def test_native_rows_do_not_depend_on_the_batch_or_the_threads(model, vocab):
     assert len(set(texts)) == 40
 
 
+def bfloat16_generation_or_skip():
+    native_loop_or_skip()
+    if not native.bfloat16_generation():
+        pytest.skip("no AMX here: bfloat16 generation does not run")
+
+
+def round_to_bfloat16(array):
+    return tf.cast(tf.cast(tf.constant(array, tf.float32), tf.bfloat16), tf.float64).numpy()
+
+
+def bfloat16_reference_step(model, ids, states):
+    """The bfloat16 generation op's contract in float64 numpy, from the Keras weights: every
+    product's operands rounded to bfloat16 (the weights, each layer's h and the input it takes
+    from the layer below), except the first layer's input projection (a row of the float32
+    table); sums, biases and cell math exact. Returns (logits [N, V], new states)."""
+    def sigmoid(x):
+        return 1.0 / (1.0 + np.exp(-x))
+
+    weight = lambda variable: np.asarray(variable.numpy(), np.float64)  # noqa: E731
+    per_layer = model.states_per_layer
+    x, new_states = None, []
+    for index, layer in enumerate(model.rnn_layers):
+        kernel, recurrent, bias = (weight(w) for w in (layer.cell.kernel,
+                                                       layer.cell.recurrent_kernel,
+                                                       layer.cell.bias))
+        input_bias, recurrent_bias = (bias[0], bias[1]) if bias.ndim == 2 else (bias, 0.0)
+        if index == 0:
+            rows = (np.eye(model.vocab_size) if model.one_hot
+                    else weight(model.embedding.embeddings))
+            xw = rows[ids] @ kernel + input_bias
+        else:
+            xw = round_to_bfloat16(x) @ round_to_bfloat16(kernel) + input_bias
+        layer_states = [np.asarray(state, np.float64)
+                        for state in states[index * per_layer:(index + 1) * per_layer]]
+        h = layer_states[0]
+        hu = round_to_bfloat16(h) @ round_to_bfloat16(recurrent) + recurrent_bias
+        if model.cell == "lstm":
+            i, f, g, o = np.split(xw + hu, 4, axis=1)
+            c = sigmoid(f) * layer_states[1] + sigmoid(i) * np.tanh(g)
+            h = sigmoid(o) * np.tanh(c)
+            new_states += [h, c]
+        elif model.cell == "gru":
+            (xz, xr, xh), (hz, hr, hh) = np.split(xw, 3, axis=1), np.split(hu, 3, axis=1)
+            z, r = sigmoid(xz + hz), sigmoid(xr + hr)
+            h = z * h + (1 - z) * np.tanh(xh + r * hh)
+            new_states.append(h)
+        else:
+            h = np.tanh(xw + hu)
+            new_states.append(h)
+        x = h
+    logits = round_to_bfloat16(x) @ round_to_bfloat16(weight(model.head.kernel)) + weight(
+        model.head.bias)
+    return logits, new_states
+
+
+BFLOAT16_MODELS = dict(NATIVE_MODELS, **{
+    "lstm-3x40": ModelConfig(cell="lstm", num_layers=3, hidden_size=40, embedding_size=6,
+                             kernel="keras")})  # depth 40: padded to 64; G = 160: 10 tiles
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("name", BFLOAT16_MODELS)
+def test_bfloat16_generation_is_the_model_with_bfloat16_products(vocab, name, rows):
+    """Step by step from the op's own states, the float64 reference of the bfloat16 contract
+    gives the op's new states to 2e-5 in nine rows of ten and ranks each draw among its top 3
+    logits. (A new h that lies within float32 error of a bfloat16 rounding midpoint rounds the
+    other way in the reference now and then; that row's deeper layers then differ by about a
+    bfloat16 step's effect, under 2e-3.) The float32 model's states are ten times further off,
+    so the comparison tells the two precisions apart. 3 rows (padded to a tile of 16) and 40
+    (two threads of 20: a whole tile and a padded one)."""
+    bfloat16_generation_or_skip()
+    model = tiny_model(vocab, BFLOAT16_MODELS[name], seed=5)
+    for layer in model.rnn_layers:  # weights large enough for bfloat16 rounding to show
+        layer.cell.recurrent_kernel.assign(layer.cell.recurrent_kernel * 3.0)
+    primes = [vocab.encode(text) for text in ("ab c", "!e.d", "cc\nb", "d.a ")]
+    ids, states = Generator(model, vocab, loops="native").prime_states(
+        np.array([primes[row % 4] for row in range(rows)], np.int32))
+    chunk = make_chunk_function(model, 1, "native", precision="bfloat16")
+    errors, float32_errors = [], []
+    for position in range(12):
+        drawn, new_states = chunk(ids, states, tf.constant(7), tf.constant(position),
+                                  tf.constant(1.0), tf.constant(3), tf.constant(1.0),
+                                  tf.constant(False))
+        logits, expected = bfloat16_reference_step(model, ids.numpy(),
+                                                   [state.numpy() for state in states])
+        _, in_float32 = model_step(model, ids, states)
+        drawn = drawn.numpy()[:, 0]
+        chosen = logits[np.arange(rows), drawn]
+        assert (chosen >= np.sort(logits, axis=1)[:, -3] - 1e-4).all(), (position, drawn)
+        errors.append(np.max([np.abs(ours.numpy() - theirs).max(axis=1)
+                              for ours, theirs in zip(new_states, expected)], axis=0))
+        float32_errors.append(np.max([np.abs(ours.numpy() - theirs.numpy()).max(axis=1)
+                                      for ours, theirs in zip(new_states, in_float32)], axis=0))
+        # The op returns the states after feeding all but its last draw: that draw goes next.
+        ids, states = tf.constant(drawn), new_states
+    errors, float32_errors = np.concatenate(errors), np.concatenate(float32_errors)  # per row
+    assert np.quantile(errors, 0.9) < 2e-5 and errors.max() < 2e-3, np.sort(errors)[-5:]
+    assert np.median(float32_errors) > 10 * np.quantile(errors, 0.9)
+
+
+def test_bfloat16_generation_streams_text_with_the_float32_statistics(model, vocab):
+    """Over 4000 rows of one draw each, the bfloat16 loop's frequencies are the float32 model's
+    softmax within 0.03; a seed repeats its text, and a row does not depend on the batch."""
+    bfloat16_generation_or_skip()
+    generator = Generator(model, vocab, precision="bfloat16")
+    rows = 4000
+    texts = generator.generate("ab c", 1, seed=11, num_samples=rows)
+    logits, _ = model_step(model, vocab.encode("c"),
+                           Generator(model, vocab).prime_states(
+                               np.array([vocab.encode("ab c")], np.int32))[1])
+    expected = tf.nn.softmax(logits).numpy()[0]
+    frequencies = np.bincount([vocab.encode(text[-1])[0] for text in texts],
+                              minlength=len(vocab)) / rows
+    np.testing.assert_allclose(frequencies, expected, atol=0.03)
+    text = generator.generate("ab", 60, seed=3)
+    assert text == generator.generate("ab", 60, seed=3)
+    assert generator.generate("ab", 60, seed=3, num_samples=17)[0] == text
+
+
+def test_bfloat16_generation_needs_the_native_loop_and_amx(model, vocab, monkeypatch):
+    with pytest.raises(UsageError, match="runs in the native loop only, not xla: use --loops"):
+        Generator(model, vocab, loops="xla", precision="bfloat16")
+    with pytest.raises(UsageError, match="precision must be one of float32, bfloat16"):
+        Generator(model, vocab, precision="float16")
+    native_loop_or_skip()
+    monkeypatch.setattr(native, "bfloat16_generation", lambda: False)
+    with pytest.raises(UsageError, match="needs a CPU with AMX .*: use --precision float32"):
+        Generator(model, vocab, loops="auto", precision="bfloat16")
+
+
 def test_native_op_rejects_bad_inputs(model, vocab):
     native_loop_or_skip()
     states = model.zero_states(1)
@@ -447,6 +577,8 @@ def test_parse_escapes():
     (["--bogus"], 2, "error: unrecognized arguments: --bogus"),
     (["--run", "RUNS/new", "--checkpoint", "RUNS/new/checkpoints/ckpt-7"], 2,
      "error: argument --checkpoint: not allowed with argument --run"),
+    (["--run", "RUNS/new", "--loops", "xla", "--precision", "bfloat16"], 2,
+     "error: bfloat16 sampling runs in the native loop only, not xla: use --loops auto"),
     (["--run", "RUNS/missing"], 1, "error: run directory RUNS/missing not found"),
     (["--runs-dir", "RUNS/missing"], 1, "error: no trained run found under RUNS/missing/"),
     (["--run", "RUNS/untrained"], 1, "error: run RUNS/untrained has no checkpoint yet"),

@@ -154,3 +154,11 @@ def library():
         print(f"tf_charrnn: native RNN loops unavailable ({reason}); using the slower "
               f"tf.while_loops. Set {ENV_SWITCH}=0 to skip this attempt.", file=sys.stderr)
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def bfloat16_generation():
+    """Whether the generation op runs with precision "bfloat16" here: the library loads, was
+    built with AMX (this CPU has AMX-BF16) and the kernel lets the process use the tiles."""
+    lib = library()
+    return lib is not None and bool(lib.tf_charrnn_bfloat16_generation())

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <system_error>
@@ -34,6 +35,14 @@
 #include <Eigen/Core>
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+// The bfloat16 generation path needs AMX tiles and AVX-512 BF16 conversions (the compiler sets
+// these under -march=native on a CPU that has them) and Linux's permission for the tile state.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__linux__)
+#define TF_CHARRNN_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "tensorflow/core/framework/op.h"
@@ -1027,6 +1036,165 @@ int32_t DrawRow(const float* logits, int64_t vocab, const DrawOptions& options, 
   return static_cast<int32_t>(id);
 }
 
+// ---------------------------------------------------------------------------------------------
+// bfloat16 products on AMX for the generation loop (precision "bfloat16"). A tile multiply takes
+// [16, 32] x [32, 16] bfloat16 and adds the float32 products into a [16, 16] float32 tile: up to
+// 16 times the float32 FMA rate per core, which pays where the rows are many (batched streams;
+// at lecture size 64 streams run the step's products at about 360 flop a cycle against 64).
+// The weights are rounded to bfloat16 (to nearest even) once per call and laid out as the tiles
+// read them; each layer's new h is rounded once per step; sums, cell math and draw are float32.
+
+// Whether this library was built with the AMX path and Linux lets this process use the tiles
+// (asked once; the permission is the whole process's).
+bool AmxReady() {
+#ifdef TF_CHARRNN_AMX
+  static const bool ready = [] {
+    constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+inline uint16_t RoundToBfloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // to nearest, ties to even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+constexpr int64_t kTileRows = 16;     // rows of an A or C tile
+constexpr int64_t kTileDepth = 32;    // bfloat16 elements of k per A row / B tile
+constexpr int64_t kTileColumns = 16;  // float32 columns of a C tile
+constexpr int64_t kTileElements = kTileRows * kTileDepth;
+
+int64_t RoundUp(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// B [K, N] (row-major, float32) as bfloat16 B tiles: K padded with zeros to 32s, N to 16s; tile
+// (column block nb, depth block kb) at (nb * depth_blocks + kb) * 512, its row r holding the pairs
+// (B[32 kb + 2r, n], B[32 kb + 2r + 1, n]) for its 16 columns n (the layout the tiles multiply).
+struct PackedWeights {
+  int64_t depth_blocks = 0, column_blocks = 0;
+  std::vector<uint16_t> tiles;
+};
+
+PackedWeights PackWeights(const float* b, int64_t k, int64_t n) {
+  PackedWeights packed;
+  packed.depth_blocks = RoundUp(k, kTileDepth) / kTileDepth;
+  packed.column_blocks = RoundUp(n, kTileColumns) / kTileColumns;
+  packed.tiles.assign(packed.depth_blocks * packed.column_blocks * kTileElements, 0);
+  uint16_t* out = packed.tiles.data();
+  for (int64_t nb = 0; nb < packed.column_blocks; ++nb) {
+    for (int64_t kb = 0; kb < packed.depth_blocks; ++kb) {
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        for (int64_t col = 0; col < kTileColumns; ++col) {
+          for (int64_t pair = 0; pair < 2; ++pair, ++out) {
+            const int64_t i = kb * kTileDepth + 2 * r + pair, j = nb * kTileColumns + col;
+            if (i < k && j < n) *out = RoundToBfloat16(b[i * n + j]);
+          }
+        }
+      }
+    }
+  }
+  return packed;
+}
+
+#ifdef TF_CHARRNN_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// One register block of c = a b (+ bias): up to 2 x 2 C tiles (tiles 0-3) over 32 rows and 32
+// columns, A tiles 4-5, B tiles 6-7. a: bfloat16 rows of lda elements, from the block's first
+// row; b: the block's first column block's tiles; bias: null, or float32 [>= 32] from the
+// block's first column, loaded into every row of the C tiles (a tile load with stride 0).
+template <bool kTwoRowTiles, bool kTwoColumnTiles>
+inline void TileBlock(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t depth_blocks,
+                      const float* bias, float* c, int64_t ldc) {
+  const int64_t a_stride = lda * 2, c_stride = ldc * 4;
+  const uint16_t* b_next = b + depth_blocks * kTileElements;  // the next column block's tiles
+  if (bias != nullptr) {
+    _tile_loadd(0, bias, 0);
+    if constexpr (kTwoColumnTiles) _tile_loadd(1, bias + kTileColumns, 0);
+    if constexpr (kTwoRowTiles) _tile_loadd(2, bias, 0);
+    if constexpr (kTwoRowTiles && kTwoColumnTiles) _tile_loadd(3, bias + kTileColumns, 0);
+  } else {
+    _tile_zero(0);
+    if constexpr (kTwoColumnTiles) _tile_zero(1);
+    if constexpr (kTwoRowTiles) _tile_zero(2);
+    if constexpr (kTwoRowTiles && kTwoColumnTiles) _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < depth_blocks; ++kb) {
+    // The B tiles of the next depth block (or the next column blocks' first) on their way to
+    // L1 while these multiply: the weights stream from L2 once per step.
+    const bool last = kb + 1 == depth_blocks;
+    const uint16_t* b_ahead = last ? b + 2 * depth_blocks * kTileElements
+                                   : b + (kb + 1) * kTileElements;
+    const uint16_t* b_next_ahead = last ? b + 3 * depth_blocks * kTileElements
+                                        : b_next + (kb + 1) * kTileElements;
+    for (int line = 0; line < kTileRows; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(b_ahead + line * 32), _MM_HINT_T0);
+      if constexpr (kTwoColumnTiles) {
+        _mm_prefetch(reinterpret_cast<const char*>(b_next_ahead + line * 32), _MM_HINT_T0);
+      }
+    }
+    _tile_loadd(4, a + kb * kTileDepth, a_stride);
+    if constexpr (kTwoRowTiles) _tile_loadd(5, a + kTileRows * lda + kb * kTileDepth, a_stride);
+    _tile_loadd(6, b + kb * kTileElements, 64);
+    if constexpr (kTwoColumnTiles) _tile_loadd(7, b_next + kb * kTileElements, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (kTwoColumnTiles) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTwoRowTiles) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (kTwoRowTiles && kTwoColumnTiles) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_stride);
+  if constexpr (kTwoColumnTiles) _tile_stored(1, c + kTileColumns, c_stride);
+  if constexpr (kTwoRowTiles) _tile_stored(2, c + kTileRows * ldc, c_stride);
+  if constexpr (kTwoRowTiles && kTwoColumnTiles) {
+    _tile_stored(3, c + kTileRows * ldc + kTileColumns, c_stride);
+  }
+}
+
+// c [rows, 16 column_blocks] = a [rows, 32 depth_blocks] b (+ bias), rows a multiple of 16.
+void TileProduct(const uint16_t* a, int64_t lda, int64_t rows, const PackedWeights& b,
+                 const float* bias, float* c, int64_t ldc) {
+  for (int64_t row = 0; row < rows; row += 2 * kTileRows) {
+    const bool two_rows = row + kTileRows < rows;
+    for (int64_t nb = 0; nb < b.column_blocks; nb += 2) {
+      const bool two_columns = nb + 1 < b.column_blocks;
+      const uint16_t* a_block = a + row * lda;
+      const uint16_t* b_block = b.tiles.data() + nb * b.depth_blocks * kTileElements;
+      const float* bias_block = bias == nullptr ? nullptr : bias + nb * kTileColumns;
+      float* c_block = c + row * ldc + nb * kTileColumns;
+      if (two_rows && two_columns) {
+        TileBlock<true, true>(a_block, lda, b_block, b.depth_blocks, bias_block, c_block, ldc);
+      } else if (two_rows) {
+        TileBlock<true, false>(a_block, lda, b_block, b.depth_blocks, bias_block, c_block, ldc);
+      } else if (two_columns) {
+        TileBlock<false, true>(a_block, lda, b_block, b.depth_blocks, bias_block, c_block, ldc);
+      } else {
+        TileBlock<false, false>(a_block, lda, b_block, b.depth_blocks, bias_block, c_block, ldc);
+      }
+    }
+  }
+}
+
+// n floats -> bfloat16, to nearest even (n a multiple of 16; the caller pads).
+inline void ToBfloat16(const float* in, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(in + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        reinterpret_cast<const __m256i&>(packed));
+  }
+}
+#endif  // TF_CHARRNN_AMX
+
 // What one call of the generation op works on; the states are the outputs, holding the initial
 // states at the start and updated in place.
 struct Generation {
@@ -1034,7 +1202,7 @@ struct Generation {
   int64_t layers, units, gates, vocab, batch, steps;
   const float* table = nullptr;        // [V, G]: layer 0's x W + b per id
   std::vector<ConstMatrixMap> kernels;  // layers 1..: W [H, G] (layer 0's is empty)
-  std::vector<RowVector> biases;       // layers 1..: b [G]
+  std::vector<RowVector> biases;       // layers 1..: b [G], zeros after G up to a 16s
   std::vector<ConstMatrixMap> recurrent;  // U [H, G]
   std::vector<RowVector> recurrent_biases;  // GRU: [G]
   Matrix head;                         // [H, V16]: the head's kernel, columns padded to 16s
@@ -1044,56 +1212,157 @@ struct Generation {
   int32_t* drawn;                      // [B, steps]
   int64_t seed, position;
   DrawOptions options;
+  bool bfloat16 = false;               // the products on AMX tiles (the packed weights below)
+  std::vector<PackedWeights> packed_kernels, packed_recurrent;  // layer 0's kernel: empty
+  PackedWeights packed_head;
 };
 
-void GenerateBlock(const Generation& g, const Block& block) {
-  const int64_t rows = block.rows, row = block.row, units = g.units, gates = g.gates;
+// The products of one block's generation step in float32 (Product: AVX-512 register tiles).
+// Layer l's pre-activations: z = h U into Z(), and for l > 0 xw = x W + b into XW(); the head's
+// logits x Wy + by into Logits(); each a [rows, *] matrix with the row stride the *Stride()
+// functions give.
+class FloatProducts {
+ public:
+  FloatProducts(const Generation& g, int64_t rows)
+      : g_(g), rows_(rows), z_(rows, g.gates), xw_(rows, g.gates), logits_(rows, g.head.cols()) {}
+  void Layer(int64_t l, float* x, float* h) {
+    if (l > 0) {
+      xw_.rowwise() = g_.biases[l].leftCols(g_.gates);
+      Product(MatrixMap(x, rows_, g_.units), g_.kernels[l], xw_, true);
+    }
+    Product(MatrixMap(h, rows_, g_.units), g_.recurrent[l], z_, false);
+  }
+  void Updated(int64_t, const float*) {}  // layer l's h has its new values
+  void Head(float* x) {
+    logits_.rowwise() = g_.head_bias;
+    Product(MatrixMap(x, rows_, g_.units), g_.head, logits_, true);
+  }
+  const float* Z() const { return z_.data(); }
+  const float* XW() const { return xw_.data(); }
+  int64_t Stride() const { return g_.gates; }
+  const float* Logits() const { return logits_.data(); }
+  int64_t LogitsStride() const { return logits_.cols(); }
+
+ private:
+  const Generation& g_;
+  int64_t rows_;
+  Matrix z_, xw_, logits_;
+};
+
+#ifdef TF_CHARRNN_AMX
+// The same products on AMX tiles: the block's rows padded to 16s (zero rows), each layer's h kept
+// as bfloat16 rows of depth padded to 32s, rounded once when it changes.
+class TileProducts {
+ public:
+  TileProducts(const Generation& g, int64_t rows)
+      : g_(g), rows_(rows), padded_rows_(RoundUp(rows, kTileRows)),
+        depth_(RoundUp(g.units, kTileDepth)), stride_(RoundUp(g.gates, kTileColumns)),
+        logits_stride_(g.head.cols()),
+        h_(g.layers, std::vector<uint16_t>(padded_rows_ * depth_, 0)),
+        z_(padded_rows_ * stride_), xw_(padded_rows_ * stride_),
+        logits_(padded_rows_ * logits_stride_), scratch_(RoundUp(g.units, 16), 0.0f) {
+    TileConfig config;
+    for (int tile = 0; tile < 8; ++tile) {
+      config.rows[tile] = kTileRows;
+      config.bytes_per_row[tile] = 64;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~TileProducts() { _tile_release(); }
+  TileProducts(const TileProducts&) = delete;
+  TileProducts& operator=(const TileProducts&) = delete;
+
+  void Layer(int64_t l, float*, float*) {
+    if (l > 0) {
+      TileProduct(h_[l - 1].data(), depth_, padded_rows_, g_.packed_kernels[l],
+                  g_.biases[l].data(), xw_.data(), stride_);
+    }
+    TileProduct(h_[l].data(), depth_, padded_rows_, g_.packed_recurrent[l], nullptr, z_.data(),
+                stride_);
+  }
+  void Updated(int64_t l, const float* h) {
+    const int64_t units = g_.units, width = scratch_.size();
+    for (int64_t r = 0; r < rows_; ++r) {
+      std::copy_n(h + r * units, units, scratch_.data());
+      ToBfloat16(scratch_.data(), width, h_[l].data() + r * depth_);
+    }
+  }
+  void Head(float*) {
+    TileProduct(h_[g_.layers - 1].data(), depth_, padded_rows_, g_.packed_head,
+                g_.head_bias.data(), logits_.data(), logits_stride_);
+  }
+  const float* Z() const { return z_.data(); }
+  const float* XW() const { return xw_.data(); }
+  int64_t Stride() const { return stride_; }
+  const float* Logits() const { return logits_.data(); }
+  int64_t LogitsStride() const { return logits_stride_; }
+
+ private:
+  const Generation& g_;
+  int64_t rows_, padded_rows_, depth_, stride_, logits_stride_;
+  std::vector<std::vector<uint16_t>> h_;  // per layer: [padded rows, depth] bfloat16
+  std::vector<float> z_, xw_, logits_;
+  std::vector<float> scratch_;  // one row of h, padded with zeros to 16s
+};
+#endif  // TF_CHARRNN_AMX
+
+template <typename Products>
+void GenerateBlockWith(const Generation& g, const Block& block) {
+  const int64_t rows = block.rows, row = block.row, units = g.units;
   const int per_layer = g.kind->states;
-  Matrix z(rows, gates), xw(rows, gates), logits(rows, g.head.cols());
+  Products products(g, rows);
   std::vector<int32_t> ids(g.ids + row, g.ids + row + rows);
   std::vector<float> scaled(g.vocab), ordered(g.vocab);
+  auto state = [&](int64_t l, int which) { return g.states[l * per_layer + which] + row * units; };
+  for (int64_t l = 0; l < g.layers; ++l) products.Updated(l, state(l, 0));  // the initial h
+  const int64_t stride = products.Stride();
   for (int64_t t = 0; t < g.steps; ++t) {
     float* x = nullptr;  // this block's rows of the layer below's new h
     for (int64_t l = 0; l < g.layers; ++l) {
-      float* h = g.states[l * per_layer] + row * units;
-      float* c = per_layer > 1 ? g.states[l * per_layer + 1] + row * units : nullptr;
-      if (l > 0) {
-        xw.rowwise() = g.biases[l];
-        Product(MatrixMap(x, rows, units), g.kernels[l], xw, true);
-      }
+      float* h = state(l, 0);
+      float* c = per_layer > 1 ? state(l, 1) : nullptr;
+      products.Layer(l, x, h);
+      const float* z = products.Z();
       auto xw_row = [&](int64_t r) {
-        return l == 0 ? g.table + ids[r] * gates : xw.data() + r * gates;
+        return l == 0 ? g.table + ids[r] * g.gates : products.XW() + r * stride;
       };
-      Product(MatrixMap(h, rows, units), g.recurrent[l], z, false);
       if (g.kind == &kLstm) {
         ForEachChunk(rows, units, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
-          LstmCell<decltype(lanes)>(z.data() + r * gates + first, units, xw_row(r) + first,
-                                    units, c + r * units + first, h + r * units + first,
-                                    nullptr, 0, nullptr, nullptr, len);
+          LstmCell<decltype(lanes)>(z + r * stride + first, units, xw_row(r) + first, units,
+                                    c + r * units + first, h + r * units + first, nullptr, 0,
+                                    nullptr, nullptr, len);
         });
       } else if (g.kind == &kGru) {
         ForEachChunk(rows, units, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
           float* h_row = h + r * units + first;
-          GruCell<decltype(lanes)>(z.data() + r * gates + first, units,
+          GruCell<decltype(lanes)>(z + r * stride + first, units,
                                    g.recurrent_biases[l].data() + first, xw_row(r) + first,
                                    units, h_row, h_row, nullptr, nullptr, 0, nullptr, len);
         });
       } else {
         for (int64_t r = 0; r < rows; ++r) {
           Eigen::Map<RowVector>(h + r * units, units) =
-              (z.row(r) + Eigen::Map<const RowVector>(xw_row(r), units)).array().tanh().matrix();
+              (Eigen::Map<const RowVector>(z + r * stride, units) +
+               Eigen::Map<const RowVector>(xw_row(r), units)).array().tanh().matrix();
         }
       }
+      products.Updated(l, h);
       x = h;
     }
-    logits.rowwise() = g.head_bias;
-    Product(MatrixMap(x, rows, units), g.head, logits, true);
+    products.Head(x);
     for (int64_t r = 0; r < rows; ++r) {
-      ids[r] = DrawRow(logits.data() + r * logits.cols(), g.vocab, g.options,
+      ids[r] = DrawRow(products.Logits() + r * products.LogitsStride(), g.vocab, g.options,
                        Uniform(g.seed, g.position + t, row + r), scaled.data(), ordered.data());
       g.drawn[(row + r) * g.steps + t] = ids[r];
     }
   }
+}
+
+void GenerateBlock(const Generation& g, const Block& block) {
+#ifdef TF_CHARRNN_AMX
+  if (g.bfloat16) return GenerateBlockWith<TileProducts>(g, block);
+#endif
+  GenerateBlockWith<FloatProducts>(g, block);
 }
 
 // (table [V, G], kernels, biases, recurrent, recurrent_biases: one per layer, head kernel
@@ -1106,6 +1375,7 @@ REGISTER_OP("TfCharrnnGenerate")
     .Attr("num_steps: int >= 0")
     .Attr("layers: int >= 1")
     .Attr("num_states: int >= 1")
+    .Attr("precision: {'float32', 'bfloat16'} = 'float32'")
     .Input("table: float")
     .Input("kernels: layers * float").Input("biases: layers * float")
     .Input("recurrent: layers * float").Input("recurrent_biases: layers * float")
@@ -1138,6 +1408,13 @@ class GenerateOp : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("num_steps", &steps_));
     OP_REQUIRES_OK(context, context->GetAttr("layers", &layers_));
     OP_REQUIRES_OK(context, context->GetAttr("num_states", &num_states_));
+    std::string precision;
+    OP_REQUIRES_OK(context, context->GetAttr("precision", &precision));
+    bfloat16_ = precision == "bfloat16";
+    OP_REQUIRES(context, !bfloat16_ || AmxReady(),
+                tensorflow::errors::FailedPrecondition(
+                    "bfloat16 generation needs AMX (a CPU with AMX-BF16 and Linux 5.16 or "
+                    "later): use precision float32"));
     OP_REQUIRES(context, num_states_ == layers_ * kind_->states,
                 tensorflow::errors::InvalidArgument("num_states must be layers x the kind's "
                                                     "states per layer"));
@@ -1186,7 +1463,9 @@ class GenerateOp : public OpKernel {
       OP_REQUIRES(context, list(0, l).shape() == weight && list(1, l).shape() == row,
                   InvalidArgument("layer ", l, "'s kernel must be [H, G] and bias [G]"));
       g.kernels.emplace_back(list(0, l).flat<float>().data(), units, gates);
-      g.biases.emplace_back(Eigen::Map<const RowVector>(list(1, l).flat<float>().data(), gates));
+      g.biases.push_back(RowVector::Zero(RoundUp(gates, 16)));  // whole registers and tiles
+      g.biases.back().leftCols(gates) =
+          Eigen::Map<const RowVector>(list(1, l).flat<float>().data(), gates);
     }
     const Tensor& head = input(head_at);
     const Tensor& head_bias = input(head_at + 1);
@@ -1199,6 +1478,15 @@ class GenerateOp : public OpKernel {
     g.head_bias = RowVector::Zero(padded);
     g.head_bias.leftCols(vocab) = Eigen::Map<const RowVector>(head_bias.flat<float>().data(),
                                                               vocab);
+    if (bfloat16_) {
+      g.bfloat16 = true;
+      for (int l = 0; l < layers; ++l) {
+        g.packed_recurrent.push_back(PackWeights(g.recurrent[l].data(), units, gates));
+        g.packed_kernels.push_back(l == 0 ? PackedWeights()
+                                          : PackWeights(g.kernels[l].data(), units, gates));
+      }
+      g.packed_head = PackWeights(g.head.data(), units, g.head.cols());
+    }
     const Tensor& ids = input(ids_at);
     OP_REQUIRES(context, ids.dims() == 1, InvalidArgument("ids must be [B]"));
     g.batch = ids.dim_size(0);
@@ -1235,8 +1523,29 @@ class GenerateOp : public OpKernel {
   const Kind* kind_ = nullptr;
   int64_t steps_ = 0;
   int layers_ = 0, num_states_ = 0;
+  bool bfloat16_ = false;
 };
 
 REGISTER_KERNEL_BUILDER(Name("TfCharrnnGenerate").Device(DEVICE_CPU), GenerateOp);
+
+// () -> whether TfCharrnnGenerate runs with precision bfloat16 here (see AmxReady).
+REGISTER_OP("TfCharrnnBfloat16Generation")
+    .Output("ready: bool")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Scalar());
+      return tensorflow::OkStatus();
+    });
+
+class Bfloat16GenerationOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+  void Compute(OpKernelContext* context) override {
+    Tensor* ready = Output(context, 0, TensorShape({}));
+    if (ready != nullptr) ready->scalar<bool>()() = AmxReady();
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnBfloat16Generation").Device(DEVICE_CPU),
+                        Bfloat16GenerationOp);
 
 }  // namespace tf_charrnn
