@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from tf_charrnn import bench
+from tf_charrnn import bench, native
 from tf_charrnn.errors import CharRNNError, UsageError
 
 
@@ -43,6 +43,12 @@ def test_a_short_run_prints_the_table_and_writes_every_key(tmp_path, capsys):
                 "sample_chars_per_sec_1", "sample_chars_per_sec_64",
                 "naive_sample_chars_per_sec"):
         assert result[key] > 0, key
+    best_64 = max(result["sample_chars_per_sec_64"],
+                  result.get("sample_chars_per_sec_64_bfloat16", 0))
+    best_1 = max(result["sample_chars_per_sec_1"], result.get("sample_chars_per_sec_1_bfloat16", 0))
+    assert result["sample_64_over_1"] == pytest.approx(best_64 / best_1)
+    if native.bfloat16_generation():
+        assert result["sample_chars_per_sec_64_bfloat16"] > 0
     assert summary["preprocess_mb_per_sec"] > 0 and summary["peak_rss_mb"] > 0
 
 

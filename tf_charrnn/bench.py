@@ -11,6 +11,8 @@ For each recipe (lecture, medium, large, gru, min_char_rnn) it measures, in one 
 - roofline_fraction: train FLOP/s over that matmul rate: how close training is to the time its
   own matrix products need;
 - sample_chars_per_sec_1 / _64: the compiled generation loop, one stream and 64 streams;
+  sample_chars_per_sec_1_bfloat16 / _64_bfloat16 the same with `--precision bfloat16` (where
+  AMX runs it); sample_64_over_1: the best 64-stream rate over the best one-stream rate;
   naive_sample_chars_per_sec: one model(...) call per character from a Python loop;
 - preprocess_mb_per_sec and preprocess_peak_rss_mb: building the id cache of a generated corpus,
   in a child process so its peak memory is its own;
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tf_charrnn import cli
+from tf_charrnn import cli, native
 from tf_charrnn.config import Config, apply_overrides, load_config, recipe_path
 from tf_charrnn.errors import CharRNNError, UsageError
 
@@ -183,9 +185,20 @@ def measure_sampling_speed(model, seconds):
 
     vocab = Vocab("".join(chr(32 + i) for i in range(model.vocab_size)))
     generator = Generator(model, vocab, log=lambda *a: None)
-    return {"sample_chars_per_sec_1": measure_sampling(generator, 1, seconds),
-            "sample_chars_per_sec_64": measure_sampling(generator, 64, seconds),
-            "naive_sample_chars_per_sec": measure_naive_sampling(model, seconds)}
+    result = {"sample_chars_per_sec_1": measure_sampling(generator, 1, seconds),
+              "sample_chars_per_sec_64": measure_sampling(generator, 64, seconds),
+              "naive_sample_chars_per_sec": measure_naive_sampling(model, seconds)}
+    if generator.loops == "native" and native.bfloat16_generation():
+        generator = Generator(model, vocab, precision="bfloat16", log=lambda *a: None)
+        for streams in (1, 64):
+            result[f"sample_chars_per_sec_{streams}_bfloat16"] = measure_sampling(
+                generator, streams, seconds)
+    # The batch's gain: 64 streams' best rate over one stream's best (float32 for one stream).
+    result["sample_64_over_1"] = (max(result["sample_chars_per_sec_64"],
+                                      result.get("sample_chars_per_sec_64_bfloat16", 0.0)) /
+                                  max(result["sample_chars_per_sec_1"],
+                                      result.get("sample_chars_per_sec_1_bfloat16", 0.0)))
+    return result
 
 
 def peak_rss_mb():
@@ -325,6 +338,9 @@ def format_table(results):
                ("of matmul", "roofline_fraction", "{:.0%}"),
                ("sample 1", "sample_chars_per_sec_1", "{:,.0f}"),
                ("sample 64", "sample_chars_per_sec_64", "{:,.0f}"),
+               ("sample 1 bf16", "sample_chars_per_sec_1_bfloat16", "{:,.0f}"),
+               ("sample 64 bf16", "sample_chars_per_sec_64_bfloat16", "{:,.0f}"),
+               ("64 / 1", "sample_64_over_1", "{:.1f}x"),
                ("naive 1", "naive_sample_chars_per_sec", "{:,.0f}"),
                ("val loss", "val_loss_at_budget", "{:.3f}"),
                ("torch chars/s", ("torch", "train_chars_per_sec"), "{:,.0f}"),

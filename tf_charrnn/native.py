@@ -7,7 +7,8 @@ rows split between the cores (rows never interact, so each core runs the whole t
 its own rows; wide layers split their units instead), runs at about twice that or more.
 native_loops.cc holds the loops of kernels.py's _forward_loop and _backward_loop for LSTM, GRU
 and SimpleRNN as TensorFlow ops, with the same inputs, outputs and arithmetic, and the sampler's
-generation loop (sample.py) as one op.
+generation loop (sample.py) as one op, whose products also run in bfloat16 on AMX tiles where
+the CPU has them (bfloat16_generation()).
 
 The library is compiled with the system's C++ compiler (`$CXX`, else c++/g++/clang++) against
 the installed TensorFlow's headers, once per source, TensorFlow version, compiler and CPU, into

@@ -20,7 +20,9 @@
 //          waiting).
 // Two more ops: TfCharrnnSumById sums the first layer's gate gradients per character id (the
 // table source's dTable in kernels.py); TfCharrnnGenerate runs the sampler's whole generation
-// loop (sample.py) for a stack of layers, with the cells above, the head and the draw.
+// loop (sample.py) for a stack of layers, with the cells above, the head and the draw, its
+// products in float32 or (precision bfloat16, where the CPU has AMX) on AMX tiles;
+// TfCharrnnBfloat16Generation says whether the latter runs here.
 
 #include <algorithm>
 #include <atomic>
@@ -156,6 +158,8 @@ Plan MakePlan(OpKernelContext* context, int64_t steps, int64_t batch, int64_t un
 int64_t Cut(int64_t n, int b, int blocks, bool aligned) {
   return aligned && n % 16 == 0 ? 16 * (n / 16 * b / blocks) : n * b / blocks;
 }
+
+int64_t RoundUp(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // Runs fn(Block) for the blocks of the plan, covering [0, batch) x [0, units).
 template <typename Fn>
@@ -998,11 +1002,67 @@ struct DrawOptions {
   float top_p;    // 1: off
 };
 
+// The draw from scaled logits [V] (the largest 0; cut ones -inf): the first id where the
+// cumulative weights exp(scaled) pass uniform x their total, never past the last id with any
+// weight. sums: [V rounded up to 16s] scratch.
+#if defined(__AVX512F__)
+// In blocks of 16 ids: each block's running sums in one register (a log-step scan), the blocks'
+// totals added in order; then the block the point falls in, and the id within it. Per row this
+// is a few dozen vector instructions where a sequential running sum is a chain of V adds.
+inline int32_t DrawScaled(const float* scaled, int64_t vocab, float uniform, float* sums) {
+  const int64_t blocks = (vocab + 15) / 16;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  float total = 0.0f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __mmask16 valid = _cvtu32_mask16(
+        vocab - 16 * b >= 16 ? 0xffffu : (1u << (vocab - 16 * b)) - 1u);
+    const __m512 x = _mm512_mask_loadu_ps(minus_infinity, valid, scaled + 16 * b);
+    const __mmask16 weighted = _mm512_cmp_ps_mask(x, minus_infinity, _CMP_NEQ_OQ);
+    __m512 sum = _mm512_maskz_mov_ps(weighted, Eigen::internal::pexp(x));  // cut ids weigh 0
+    // Running sums within the block: lane i adds lane i - 1, then i - 2, i - 4, i - 8.
+    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_alignr_epi32(
+                                 _mm512_castps_si512(sum), _mm512_castps_si512(zero), 15)));
+    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_alignr_epi32(
+                                 _mm512_castps_si512(sum), _mm512_castps_si512(zero), 14)));
+    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_alignr_epi32(
+                                 _mm512_castps_si512(sum), _mm512_castps_si512(zero), 12)));
+    sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_alignr_epi32(
+                                 _mm512_castps_si512(sum), _mm512_castps_si512(zero), 8)));
+    _mm512_storeu_ps(sums + 16 * b, sum);
+    total += sums[16 * b + 15];
+  }
+  // Strictly below the total, so the draw never runs past the last id with any weight.
+  const float point = std::min(uniform * total, std::nextafter(total, 0.0f));
+  float before = 0.0f;
+  int64_t b = 0;
+  while (b < blocks - 1 && before + sums[16 * b + 15] <= point) before += sums[16 * b + 15], ++b;
+  const __mmask16 passed = _mm512_cmp_ps_mask(
+      _mm512_add_ps(_mm512_set1_ps(before), _mm512_loadu_ps(sums + 16 * b)),
+      _mm512_set1_ps(point), _CMP_LE_OQ);
+  // The block's running sums rise, so the ids at or under the point come first.
+  const int64_t id = 16 * b + _mm_popcnt_u32(_cvtmask16_u32(passed));
+  return static_cast<int32_t>(std::min(id, vocab - 1));
+}
+#else
+inline int32_t DrawScaled(const float* scaled, int64_t vocab, float uniform, float* sums) {
+  using Array = Eigen::Array<float, Eigen::Dynamic, 1>;
+  Eigen::Map<Array>(sums, vocab) = Eigen::Map<const Array>(scaled, vocab).exp();
+  for (int64_t v = 1; v < vocab; ++v) sums[v] += sums[v - 1];
+  const float total = sums[vocab - 1];
+  // Strictly below the total, so the draw never runs past the last id with any weight.
+  const float point = std::min(uniform * total, std::nextafter(total, 0.0f));
+  int64_t id = 0;
+  while (id < vocab - 1 && sums[id] <= point) ++id;
+  return static_cast<int32_t>(id);
+}
+#endif
+
 // One row's draw from logits [V], by sample.py's rules (filter_logits, then draw): logits
 // shifted to a maximum of 0 and divided by the temperature; top_k > 0 keeps the logits at least
 // the k-th largest; top_p < 1 then keeps the largest ones while the probability before them is
-// under top_p; the id is where the cumulative weights first pass uniform x their total.
-// scaled and ordered: [V] scratch.
+// under top_p; the id is where the cumulative weights first pass uniform x their total
+// (DrawScaled). scaled: [V] scratch, ordered: [V rounded up to 16s] scratch.
 int32_t DrawRow(const float* logits, int64_t vocab, const DrawOptions& options, float uniform,
                 float* scaled, float* ordered) {
   using Array = Eigen::Array<float, Eigen::Dynamic, 1>;
@@ -1026,14 +1086,7 @@ int32_t DrawRow(const float* logits, int64_t vocab, const DrawOptions& options, 
     const float threshold = ordered[std::max<int64_t>(count, 1) - 1];
     out = (out < threshold).select(-std::numeric_limits<float>::infinity(), out);
   }
-  Eigen::Map<Array>(ordered, vocab) = out.exp();  // the largest scaled logit is 0
-  for (int64_t v = 1; v < vocab; ++v) ordered[v] += ordered[v - 1];
-  const float total = ordered[vocab - 1];
-  // Strictly below the total, so the draw never runs past the last id with any weight.
-  const float point = std::min(uniform * total, std::nextafter(total, 0.0f));
-  int64_t id = 0;
-  while (id < vocab - 1 && ordered[id] <= point) ++id;
-  return static_cast<int32_t>(id);
+  return DrawScaled(scaled, vocab, uniform, ordered);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1071,8 +1124,6 @@ constexpr int64_t kTileRows = 16;     // rows of an A or C tile
 constexpr int64_t kTileDepth = 32;    // bfloat16 elements of k per A row / B tile
 constexpr int64_t kTileColumns = 16;  // float32 columns of a C tile
 constexpr int64_t kTileElements = kTileRows * kTileDepth;
-
-int64_t RoundUp(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // B [K, N] (row-major, float32) as bfloat16 B tiles: K padded with zeros to 32s, N to 16s; tile
 // (column block nb, depth block kb) at (nb * depth_blocks + kb) * 512, its row r holding the pairs
@@ -1312,7 +1363,7 @@ void GenerateBlockWith(const Generation& g, const Block& block) {
   const int per_layer = g.kind->states;
   Products products(g, rows);
   std::vector<int32_t> ids(g.ids + row, g.ids + row + rows);
-  std::vector<float> scaled(g.vocab), ordered(g.vocab);
+  std::vector<float> scaled(g.vocab), ordered(RoundUp(g.vocab, 16));
   auto state = [&](int64_t l, int which) { return g.states[l * per_layer + which] + row * units; };
   for (int64_t l = 0; l < g.layers; ++l) products.Updated(l, state(l, 0));  // the initial h
   const int64_t stride = products.Stride();
