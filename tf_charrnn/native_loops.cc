@@ -33,7 +33,6 @@
 #include <string>
 #include <system_error>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -1127,12 +1126,12 @@ constexpr int64_t kTileDepth = 32;    // bfloat16 elements of k per A row / B ti
 constexpr int64_t kTileColumns = 16;  // float32 columns of a C tile
 constexpr int64_t kTileElements = kTileRows * kTileDepth;
 
-// B [K, N] as bfloat16 B tiles, from value(i, j) (B[i, j], float32; 0 for padding): K a
-// multiple of 32, N of 16; tile (column block nb, depth block kb) at (nb * depth_blocks + kb) *
-// 512, its row r holding the pairs (B[32 kb + 2r, n], B[32 kb + 2r + 1, n]) for its 16 columns
-// n (the layout the tiles multiply).
+// B [K, N] (row-major, float32) as bfloat16 B tiles: K padded with zeros to 32s, N to 16s; tile
+// (column block nb, depth block kb) at (nb * depth_blocks + kb) * 512, its row r holding the pairs
+// (B[32 kb + 2r, n], B[32 kb + 2r + 1, n]) for its 16 columns n (the layout the tiles multiply).
 // Memory the tiles read and write, on 64-byte boundaries: a tile row that straddles two cache
-// lines costs two accesses (the products ran 2.5x slower with the weights 16 bytes off).
+// lines costs two accesses (a large std::vector sits 16 bytes off one; the products then ran
+// 2.5x slower in a standalone test, the whole 64-stream loop 1.3x).
 template <typename T>
 struct CacheLineAllocator {
   using value_type = T;
@@ -1156,20 +1155,19 @@ struct PackedWeights {
   TileVector<uint16_t> tiles;
 };
 
-template <typename Value>
-PackedWeights PackWeights(int64_t k, int64_t n, Value value) {
+PackedWeights PackWeights(const float* b, int64_t k, int64_t n) {
   PackedWeights packed;
-  packed.depth_blocks = k / kTileDepth;
-  packed.column_blocks = n / kTileColumns;
-  packed.tiles.resize(k * n);
+  packed.depth_blocks = RoundUp(k, kTileDepth) / kTileDepth;
+  packed.column_blocks = RoundUp(n, kTileColumns) / kTileColumns;
+  packed.tiles.assign(packed.depth_blocks * packed.column_blocks * kTileElements, 0);
   uint16_t* out = packed.tiles.data();
   for (int64_t nb = 0; nb < packed.column_blocks; ++nb) {
     for (int64_t kb = 0; kb < packed.depth_blocks; ++kb) {
       for (int64_t r = 0; r < kTileRows; ++r) {
         for (int64_t col = 0; col < kTileColumns; ++col) {
-          for (int64_t pair = 0; pair < 2; ++pair) {
-            *out++ = RoundToBfloat16(value(kb * kTileDepth + 2 * r + pair,
-                                           nb * kTileColumns + col));
+          for (int64_t pair = 0; pair < 2; ++pair, ++out) {
+            const int64_t i = kb * kTileDepth + 2 * r + pair, j = nb * kTileColumns + col;
+            if (i < k && j < n) *out = RoundToBfloat16(b[i * n + j]);
           }
         }
       }
@@ -1177,38 +1175,6 @@ PackedWeights PackWeights(int64_t k, int64_t n, Value value) {
   }
   return packed;
 }
-
-// The generation loop's weights in "unit groups": the columns of a layer's [., G] matrices
-// reordered so that the gates of units [16 i, 16 i + 16) are column blocks gates * i .. gates *
-// (i + 1) - 1 (gate by gate), units past H zero. A group's products then make exactly what the
-// cell math of those 16 units needs, and the results stay in L1 between the two.
-struct UnitGroups {
-  int64_t units, gates;  // H, gates per unit (4 LSTM, 3 GRU, 1 SimpleRNN)
-  int64_t columns() const { return gates * RoundUp(units, kTileColumns); }
-  // The source column of packed column j, or -1 for padding.
-  int64_t Source(int64_t j) const {
-    const int64_t group = j / (gates * kTileColumns), within = j % (gates * kTileColumns);
-    const int64_t unit = group * kTileColumns + within % kTileColumns;
-    return unit < units ? (within / kTileColumns) * units + unit : -1;
-  }
-  // rows [H, G] of each matrix, stacked, each padded to `depth` rows (a multiple of 32).
-  PackedWeights Pack(const std::vector<const float*>& matrices, int64_t depth) const {
-    const int64_t width = gates * units;
-    return PackWeights(depth * static_cast<int64_t>(matrices.size()), columns(),
-                       [&](int64_t i, int64_t j) {
-                         const int64_t row = i % depth, source = Source(j);
-                         return row < units && source >= 0
-                                    ? matrices[i / depth][row * width + source] : 0.0f;
-                       });
-  }
-  TileVector<float> Bias(const float* bias) const {  // [columns]
-    TileVector<float> out(columns(), 0.0f);
-    for (int64_t j = 0; j < columns(); ++j) {
-      if (Source(j) >= 0 && bias != nullptr) out[j] = bias[Source(j)];
-    }
-    return out;
-  }
-};
 
 #ifdef TF_CHARRNN_AMX
 struct alignas(64) TileConfig {
@@ -1218,7 +1184,8 @@ struct alignas(64) TileConfig {
 };
 
 // Tiles 0-7 of 16 rows x 64 bytes, the rest unused. A constant in static storage: the compiler
-// does not see ldtilecfg read its operand, and may drop the stores that build one on the stack.
+// does not see ldtilecfg read its operand, and may drop the stores that build one on the stack
+// (it did: the unused tiles' fields kept stack garbage and ldtilecfg faulted).
 constexpr TileConfig MakeTileConfig() {
   TileConfig config;
   for (int tile = 0; tile < 8; ++tile) {
@@ -1231,14 +1198,11 @@ constexpr TileConfig kTileConfig = MakeTileConfig();
 
 // One register block of c = a b (+ bias): up to 2 x 2 C tiles (tiles 0-3) over 32 rows and 32
 // columns, A tiles 4-5, B tiles 6-7. a: bfloat16 rows of lda elements, from the block's first
-// row, its depth blocks from `split` on read from a_rest (the same rows of a second matrix: a
-// product [x, h] [W; U] without copying x and h side by side); b: the block's first column
-// block's tiles; bias: null, or float32 [>= 32] from the block's first column, loaded into
-// every row of the C tiles (a tile load with stride 0).
+// row; b: the block's first column block's tiles; bias: null, or float32 [>= 32] from the
+// block's first column, loaded into every row of the C tiles (a tile load with stride 0).
 template <bool kTwoRowTiles, bool kTwoColumnTiles>
-inline void TileBlock(const uint16_t* a, const uint16_t* a_rest, int64_t split, int64_t lda,
-                      const uint16_t* b, int64_t depth_blocks, const float* bias, float* c,
-                      int64_t ldc) {
+inline void TileBlock(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t depth_blocks,
+                      const float* bias, float* c, int64_t ldc) {
   const int64_t a_stride = lda * 2, c_stride = ldc * 4;
   const uint16_t* b_next = b + depth_blocks * kTileElements;  // the next column block's tiles
   if (bias != nullptr) {
@@ -1266,9 +1230,8 @@ inline void TileBlock(const uint16_t* a, const uint16_t* a_rest, int64_t split, 
         _mm_prefetch(reinterpret_cast<const char*>(b_next_ahead + line * 32), _MM_HINT_T0);
       }
     }
-    const uint16_t* a_block = kb < split ? a + kb * kTileDepth : a_rest + (kb - split) * kTileDepth;
-    _tile_loadd(4, a_block, a_stride);
-    if constexpr (kTwoRowTiles) _tile_loadd(5, a_block + kTileRows * lda, a_stride);
+    _tile_loadd(4, a + kb * kTileDepth, a_stride);
+    if constexpr (kTwoRowTiles) _tile_loadd(5, a + kTileRows * lda + kb * kTileDepth, a_stride);
     _tile_loadd(6, b + kb * kTileElements, 64);
     if constexpr (kTwoColumnTiles) _tile_loadd(7, b_next + kb * kTileElements, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -1284,36 +1247,25 @@ inline void TileBlock(const uint16_t* a, const uint16_t* a_rest, int64_t split, 
   }
 }
 
-// c [rows, 16 (last - first)] = a b[:, column blocks first .. last) (+ bias[16 first ..]), rows a
-// multiple of 16; a's depth blocks from `split` on from a_rest (see TileBlock; split =
-// b.depth_blocks and a_rest null for one matrix).
-void TileProduct(const uint16_t* a, const uint16_t* a_rest, int64_t split, int64_t lda,
-                 int64_t rows, const PackedWeights& b, int64_t first, int64_t last,
+// c [rows, 16 column_blocks] = a [rows, 32 depth_blocks] b (+ bias), rows a multiple of 16.
+void TileProduct(const uint16_t* a, int64_t lda, int64_t rows, const PackedWeights& b,
                  const float* bias, float* c, int64_t ldc) {
   for (int64_t row = 0; row < rows; row += 2 * kTileRows) {
     const bool two_rows = row + kTileRows < rows;
-    for (int64_t nb = first; nb < last; nb += 2) {
-      const bool two_columns = nb + 1 < last;
+    for (int64_t nb = 0; nb < b.column_blocks; nb += 2) {
+      const bool two_columns = nb + 1 < b.column_blocks;
       const uint16_t* a_block = a + row * lda;
-      const uint16_t* a_rest_block = a_rest == nullptr ? nullptr : a_rest + row * lda;
       const uint16_t* b_block = b.tiles.data() + nb * b.depth_blocks * kTileElements;
       const float* bias_block = bias == nullptr ? nullptr : bias + nb * kTileColumns;
-      float* c_block = c + row * ldc + (nb - first) * kTileColumns;
-      auto block = [&](auto two_rows_tag, auto two_columns_tag) {
-        TileBlock<decltype(two_rows_tag)::value, decltype(two_columns_tag)::value>(
-            a_block, a_rest_block, split, lda, b_block, b.depth_blocks, bias_block, c_block,
-            ldc);
-      };
-      using Yes = std::true_type;
-      using No = std::false_type;
+      float* c_block = c + row * ldc + nb * kTileColumns;
       if (two_rows && two_columns) {
-        block(Yes(), Yes());
+        TileBlock<true, true>(a_block, lda, b_block, b.depth_blocks, bias_block, c_block, ldc);
       } else if (two_rows) {
-        block(Yes(), No());
+        TileBlock<true, false>(a_block, lda, b_block, b.depth_blocks, bias_block, c_block, ldc);
       } else if (two_columns) {
-        block(No(), Yes());
+        TileBlock<false, true>(a_block, lda, b_block, b.depth_blocks, bias_block, c_block, ldc);
       } else {
-        block(No(), No());
+        TileBlock<false, false>(a_block, lda, b_block, b.depth_blocks, bias_block, c_block, ldc);
       }
     }
   }
@@ -1346,52 +1298,34 @@ struct Generation {
   int32_t* drawn;                      // [B, steps]
   int64_t seed, position;
   DrawOptions options;
-  // bfloat16 (TileProducts): per layer, the main product's weights in unit groups ([W; U] for
-  // LSTM and SimpleRNN layers above the first, else U) and bias (b for those, GRU's recurrent
-  // bias, else empty); for GRU layers above the first, x W + b's weights and bias (else empty);
-  // the head's kernel as it is.
-  bool bfloat16 = false;
-  std::vector<PackedWeights> packed_main, packed_input;
-  std::vector<TileVector<float>> main_bias, input_bias;
+  bool bfloat16 = false;               // the products on AMX tiles (the packed weights below)
+  std::vector<PackedWeights> packed_kernels, packed_recurrent;  // layer 0's kernel: empty
   PackedWeights packed_head;
 };
 
-// What the products hand the cell math of a layer: for units [first, first + count) of every
-// row r, gate g of unit first + i at z[r * z_row + g * z_gate + i] (h U, plus x W + b where the
-// product took both) and at xw[r * xw_row + g * xw_gate + i] (x W + b); xw null: layer 0's table
-// row. u_bias: GRU's recurrent bias, gate g at u_bias[g * z_gate + i] (zeros where z holds it).
-struct CellInputs {
-  int64_t first, count;
-  const float* z;
-  int64_t z_row, z_gate;
-  const float* xw;
-  int64_t xw_row, xw_gate;
-  const float* u_bias;
-};
-
 // The products of one block's generation step in float32 (Product: AVX-512 register tiles).
-// Layer(l, x, h, cells): h U and, for l > 0, x W + b for all units, then cells(CellInputs) once;
-// Head(x): the logits x Wy + by into Logits(), row stride LogitsStride().
+// Layer l's pre-activations: z = h U into Z(), and for l > 0 xw = x W + b into XW(); the head's
+// logits x Wy + by into Logits(); each a [rows, *] matrix with the row stride the *Stride()
+// functions give.
 class FloatProducts {
  public:
   FloatProducts(const Generation& g, int64_t rows)
       : g_(g), rows_(rows), z_(rows, g.gates), xw_(rows, g.gates), logits_(rows, g.head.cols()) {}
-  template <typename Cells>
-  void Layer(int64_t l, float* x, float* h, Cells cells) {
+  void Layer(int64_t l, float* x, float* h) {
     if (l > 0) {
       xw_.rowwise() = g_.biases[l].leftCols(g_.gates);
       Product(MatrixMap(x, rows_, g_.units), g_.kernels[l], xw_, true);
     }
     Product(MatrixMap(h, rows_, g_.units), g_.recurrent[l], z_, false);
-    const int64_t gates = g_.gates, units = g_.units;
-    cells(CellInputs{0, units, z_.data(), gates, units, l > 0 ? xw_.data() : nullptr, gates,
-                     units, g_.recurrent_biases[l].data()});
   }
   void Updated(int64_t, const float*) {}  // layer l's h has its new values
   void Head(float* x) {
     logits_.rowwise() = g_.head_bias;
     Product(MatrixMap(x, rows_, g_.units), g_.head, logits_, true);
   }
+  const float* Z() const { return z_.data(); }
+  const float* XW() const { return xw_.data(); }
+  int64_t Stride() const { return g_.gates; }
   const float* Logits() const { return logits_.data(); }
   int64_t LogitsStride() const { return logits_.cols(); }
 
@@ -1402,23 +1336,16 @@ class FloatProducts {
 };
 
 #ifdef TF_CHARRNN_AMX
-// The same on AMX tiles: the block's rows padded to 16s (zero rows), each layer's h kept as
-// bfloat16 rows of depth padded to 32s, rounded once when it changes (Updated). A layer runs
-// a few unit groups (UnitGroups) at a time: their products into a small buffer, then the cell
-// math of their units while the buffer is in L1.
+// The same products on AMX tiles: the block's rows padded to 16s (zero rows), each layer's h kept
+// as bfloat16 rows of depth padded to 32s, rounded once when it changes.
 class TileProducts {
  public:
-  // Unit groups per product pass: the pass's results (32 rows x 4 groups of 64 columns: 32 KB)
-  // stay in L1 for the cell math. (Lecture model, 64 streams: 1, 2, 4 and 8 groups a pass ran
-  // within 10% of each other, 1 the slowest.)
-  static constexpr int64_t kGroupsPerPass = 4;
-
   TileProducts(const Generation& g, int64_t rows)
       : g_(g), rows_(rows), padded_rows_(RoundUp(rows, kTileRows)),
-        depth_(RoundUp(g.units, kTileDepth)), group_(g.kind->gates * kTileColumns),
+        depth_(RoundUp(g.units, kTileDepth)), stride_(RoundUp(g.gates, kTileColumns)),
         logits_stride_(g.head.cols()),
         h_(g.layers, TileVector<uint16_t>(padded_rows_ * depth_, 0)),
-        z_(padded_rows_ * group_ * kGroupsPerPass), xw_(z_.size()), zeros_(group_, 0.0f),
+        z_(padded_rows_ * stride_), xw_(padded_rows_ * stride_),
         logits_(padded_rows_ * logits_stride_), scratch_(RoundUp(g.units, 16), 0.0f) {
     _tile_loadconfig(&kTileConfig);
   }
@@ -1426,38 +1353,13 @@ class TileProducts {
   TileProducts(const TileProducts&) = delete;
   TileProducts& operator=(const TileProducts&) = delete;
 
-  template <typename Cells>
-  void Layer(int64_t l, float*, float*, Cells cells) {
-    const PackedWeights& main = g_.packed_main[l];
-    const int64_t depth_blocks = depth_ / kTileDepth, gates = g_.kind->gates;
-    // [x, h] [W; U] in one product where the cell adds the two anyway (not GRU's reset gate).
-    const bool joint = main.depth_blocks > depth_blocks;
-    const float* main_bias = g_.main_bias[l].empty() ? nullptr : g_.main_bias[l].data();
-    const uint16_t* h = h_[l].data();
-    const uint16_t* x = l > 0 ? h_[l - 1].data() : nullptr;
-    const int64_t groups = RoundUp(g_.units, kTileColumns) / kTileColumns;
-    for (int64_t pass = 0; pass < groups; pass += kGroupsPerPass) {
-      const int64_t count = std::min(kGroupsPerPass, groups - pass);
-      const int64_t first = pass * gates, last = (pass + count) * gates;  // column blocks
-      const int64_t ldc = count * group_;
-      TileProduct(joint ? x : h, joint ? h : nullptr, depth_blocks, depth_, padded_rows_, main,
-                  first, last, main_bias, z_.data(), ldc);
-      const float* xw = nullptr;  // layer 0: the table
-      if (joint) {
-        xw = zeros_.data();
-      } else if (l > 0) {
-        TileProduct(x, nullptr, depth_blocks, depth_, padded_rows_, g_.packed_input[l], first,
-                    last, g_.input_bias[l].data(), xw_.data(), ldc);
-        xw = xw_.data();
-      }
-      for (int64_t group = 0; group < count; ++group) {
-        const int64_t unit = (pass + group) * kTileColumns;
-        cells(CellInputs{unit, std::min<int64_t>(kTileColumns, g_.units - unit),
-                         z_.data() + group * group_, ldc, kTileColumns,
-                         joint ? xw : xw == nullptr ? nullptr : xw + group * group_,
-                         joint ? 0 : ldc, kTileColumns, zeros_.data()});
-      }
+  void Layer(int64_t l, float*, float*) {
+    if (l > 0) {
+      TileProduct(h_[l - 1].data(), depth_, padded_rows_, g_.packed_kernels[l],
+                  g_.biases[l].data(), xw_.data(), stride_);
     }
+    TileProduct(h_[l].data(), depth_, padded_rows_, g_.packed_recurrent[l], nullptr, z_.data(),
+                stride_);
   }
   void Updated(int64_t l, const float* h) {
     const int64_t units = g_.units, width = scratch_.size();
@@ -1467,20 +1369,20 @@ class TileProducts {
     }
   }
   void Head(float*) {
-    const PackedWeights& head = g_.packed_head;
-    TileProduct(h_[g_.layers - 1].data(), nullptr, head.depth_blocks, depth_, padded_rows_, head,
-                0, head.column_blocks, g_.head_bias.data(), logits_.data(), logits_stride_);
+    TileProduct(h_[g_.layers - 1].data(), depth_, padded_rows_, g_.packed_head,
+                g_.head_bias.data(), logits_.data(), logits_stride_);
   }
+  const float* Z() const { return z_.data(); }
+  const float* XW() const { return xw_.data(); }
+  int64_t Stride() const { return stride_; }
   const float* Logits() const { return logits_.data(); }
   int64_t LogitsStride() const { return logits_stride_; }
 
  private:
   const Generation& g_;
-  int64_t rows_, padded_rows_, depth_, group_, logits_stride_;
+  int64_t rows_, padded_rows_, depth_, stride_, logits_stride_;
   std::vector<TileVector<uint16_t>> h_;  // per layer: [padded rows, depth] bfloat16
-  TileVector<float> z_, xw_;  // a pass's unit groups' products: [padded rows, groups x group]
-  TileVector<float> zeros_;   // x W + b where z holds it; GRU's u_bias likewise
-  TileVector<float> logits_;
+  TileVector<float> z_, xw_, logits_;
   std::vector<float> scratch_;  // one row of h, padded with zeros to 16s
 };
 #endif  // TF_CHARRNN_AMX
@@ -1494,35 +1396,37 @@ void GenerateBlockWith(const Generation& g, const Block& block) {
   std::vector<float> scaled(g.vocab), ordered(RoundUp(g.vocab, 16));
   auto state = [&](int64_t l, int which) { return g.states[l * per_layer + which] + row * units; };
   for (int64_t l = 0; l < g.layers; ++l) products.Updated(l, state(l, 0));  // the initial h
+  const int64_t stride = products.Stride();
   for (int64_t t = 0; t < g.steps; ++t) {
     float* x = nullptr;  // this block's rows of the layer below's new h
     for (int64_t l = 0; l < g.layers; ++l) {
       float* h = state(l, 0);
       float* c = per_layer > 1 ? state(l, 1) : nullptr;
-      products.Layer(l, x, h, [&](const CellInputs& in) {
-        // Row r's gates of units in.first + first on: z, and xw (or the table row).
-        auto z_at = [&](int64_t r, int64_t first) { return in.z + r * in.z_row + first; };
-        auto xw_at = [&](int64_t r, int64_t first) {
-          return in.xw == nullptr ? g.table + ids[r] * g.gates + in.first + first
-                                  : in.xw + r * in.xw_row + first;
-        };
-        const int64_t xw_gate = in.xw == nullptr ? units : in.xw_gate;
-        ForEachChunk(rows, in.count, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
-          const int64_t unit = r * units + in.first + first;
-          if (g.kind == &kLstm) {
-            LstmCell<decltype(lanes)>(z_at(r, first), in.z_gate, xw_at(r, first), xw_gate,
-                                      c + unit, h + unit, nullptr, 0, nullptr, nullptr, len);
-          } else if (g.kind == &kGru) {
-            GruCell<decltype(lanes)>(z_at(r, first), in.z_gate, in.u_bias + first,
-                                     xw_at(r, first), xw_gate, h + unit, h + unit, nullptr,
-                                     nullptr, 0, nullptr, len);
-          } else {
-            using In = Eigen::Map<const decltype(lanes)>;
-            Eigen::Map<decltype(lanes)>(h + unit, len) =
-                (In(z_at(r, first), len) + In(xw_at(r, first), len)).tanh();
-          }
+      products.Layer(l, x, h);
+      const float* z = products.Z();
+      auto xw_row = [&](int64_t r) {
+        return l == 0 ? g.table + ids[r] * g.gates : products.XW() + r * stride;
+      };
+      if (g.kind == &kLstm) {
+        ForEachChunk(rows, units, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
+          LstmCell<decltype(lanes)>(z + r * stride + first, units, xw_row(r) + first, units,
+                                    c + r * units + first, h + r * units + first, nullptr, 0,
+                                    nullptr, nullptr, len);
         });
-      });
+      } else if (g.kind == &kGru) {
+        ForEachChunk(rows, units, [&](int64_t r, int64_t first, int64_t len, auto lanes) {
+          float* h_row = h + r * units + first;
+          GruCell<decltype(lanes)>(z + r * stride + first, units,
+                                   g.recurrent_biases[l].data() + first, xw_row(r) + first,
+                                   units, h_row, h_row, nullptr, nullptr, 0, nullptr, len);
+        });
+      } else {
+        for (int64_t r = 0; r < rows; ++r) {
+          Eigen::Map<RowVector>(h + r * units, units) =
+              (Eigen::Map<const RowVector>(z + r * stride, units) +
+               Eigen::Map<const RowVector>(xw_row(r), units)).array().tanh().matrix();
+        }
+      }
       products.Updated(l, h);
       x = h;
     }
@@ -1657,33 +1561,12 @@ class GenerateOp : public OpKernel {
                                                               vocab);
     if (bfloat16_) {
       g.bfloat16 = true;
-      const int64_t depth = RoundUp(units, kTileDepth);
-      const UnitGroups groups{units, kind_->gates};
       for (int l = 0; l < layers; ++l) {
-        const float* u = g.recurrent[l].data();
-        if (kind_->needs_u_bias) {  // GRU: h U + the recurrent bias; x W + b apart
-          g.packed_main.push_back(groups.Pack({u}, depth));
-          g.main_bias.push_back(groups.Bias(g.recurrent_biases[l].data()));
-          g.packed_input.push_back(l == 0 ? PackedWeights()
-                                          : groups.Pack({g.kernels[l].data()}, depth));
-          g.input_bias.push_back(l == 0 ? TileVector<float>()
-                                        : groups.Bias(g.biases[l].data()));
-        } else if (l == 0) {  // the table holds x W + b
-          g.packed_main.push_back(groups.Pack({u}, depth));
-          g.main_bias.emplace_back();
-        } else {  // [x, h] [W; U] + b
-          g.packed_main.push_back(groups.Pack({g.kernels[l].data(), u}, depth));
-          g.main_bias.push_back(groups.Bias(g.biases[l].data()));
-        }
-        if (g.packed_input.size() < g.packed_main.size()) {
-          g.packed_input.emplace_back();
-          g.input_bias.emplace_back();
-        }
+        g.packed_recurrent.push_back(PackWeights(g.recurrent[l].data(), units, gates));
+        g.packed_kernels.push_back(l == 0 ? PackedWeights()
+                                          : PackWeights(g.kernels[l].data(), units, gates));
       }
-      const int64_t head_columns = g.head.cols();  // padded to 16s
-      g.packed_head = PackWeights(depth, head_columns, [&](int64_t i, int64_t j) {
-        return i < units ? g.head(i, j) : 0.0f;
-      });
+      g.packed_head = PackWeights(g.head.data(), units, g.head.cols());
     }
     const Tensor& ids = input(ids_at);
     OP_REQUIRES(context, ids.dims() == 1, InvalidArgument("ids must be [B]"));
