@@ -16,10 +16,10 @@ The Generator owns the path from a prime to text:
           where the library builds: the same weights and cell math, the rows split between the
           threads; uniform numbers from a hash of (seed, position, row). K = 2048: each call
           also prepares the weights and crosses into TensorFlow, about 1 ms. Lecture model, two
-          CPU cores: one stream ~150k characters/s, 64 streams ~650k. precision="bfloat16"
+          CPU cores: one stream ~140k characters/s, 64 streams ~600k. precision="bfloat16"
           (where AMX runs) does the products on AMX tiles, weights and each new h rounded to
-          bfloat16: 64 streams ~2M; one stream 0.7x float32 (a tile multiplies 16 rows), but
-          3x for 2x256 units, whose bfloat16 weights fit the core's L2 cache.
+          bfloat16: one stream ~160k, 64 streams ~2.3M (3.7x float32 for one stream of
+          2x256 units, whose bfloat16 weights fit the core's L2 cache).
   xla     a `tf.function` holding a `tf.while_loop`, compiled with XLA: the loop the exported
           SavedModel (tf_charrnn.export) runs and the fallback without the native library; one
           stream ~60k, 64 streams ~210k, about 1.5 s of compilation per number of rows. Its
@@ -649,9 +649,9 @@ def build_parser():
                              "text depends on the loop; xla gives the exported SavedModel's")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="of the native loop's products: float32 (the default) or bfloat16 "
-                             "(AMX tiles, on Intel Xeons of the 4th generation on: 2.8x-4.8x "
-                             "float32 for 64 streams; one stream slower at 128 units, faster "
-                             "from 256; cell math and draw stay float32)")
+                             "(AMX tiles, on Intel Xeons of the 4th generation on: 3.7x-5.5x "
+                             "float32's characters/s for 64 streams, 1.1x-3.7x for one; cell "
+                             "math and draw stay float32)")
     parser.add_argument("--unknown", choices=UNKNOWN_CHOICES, default="error",
                         help="prime characters not in the vocabulary: fail listing them "
                              "(error, the default) or drop them with a warning (skip)")
