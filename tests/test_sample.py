@@ -272,23 +272,32 @@ def test_native_draws_follow_the_filtered_distribution(model, vocab, options):
     assert (frequencies[expected == 0] == 0).all()  # a cut character is never drawn
 
 
-def test_native_draws_over_several_blocks_of_ids_follow_the_distribution():
-    """A vocabulary of 37 (the draw sums weights in blocks of 16: two whole, one partial), flat
-    logits (temperature 3) and a cut (top-k 30): frequencies of 6000 draws within 0.01 of the
-    filtered softmax, and the 7 cut ids never drawn."""
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_native_draws_over_several_blocks_of_ids_follow_the_distribution(precision):
+    """A vocabulary of 37 (the draw sums weights in blocks of 16: two whole, one partial of 5)
+    and logits rising across the ids (most of the weight in the last blocks), the 7 smallest cut
+    (top-k 30): the frequencies of 20000 draws are the filtered softmax within 4.5 standard
+    deviations each, and the cut ids are never drawn."""
     native_loop_or_skip()
+    if precision == "bfloat16":
+        bfloat16_generation_or_skip()
     vocab = Vocab("abcdefghijklmnopqrstuvwxyz0123456789 ")
     model = tiny_model(vocab, ModelConfig(cell="gru", num_layers=1, hidden_size=16,
                                           embedding_size=8, kernel="keras"), seed=2)
-    rows, options = 6000, {"temperature": 3.0, "top_k": 30}
+    model.head.bias.assign(np.linspace(-4.0, 2.0, len(vocab)))  # kept p: about 0.001 to 0.15
+    rows, options = 20000, {"temperature": 1.0, "top_k": 30}
     states = tuple(tf.zeros([rows, 16]) for _ in range(model.num_states))
     last = np.full([rows], 3, np.int32)
-    drawn, _ = native_chunk(model, last, states, 1, seed=5, **options)
+    chunk = make_chunk_function(model, 1, "native", precision=precision)
+    drawn, _ = chunk(tf.constant(last), states, tf.constant(5), tf.constant(0),
+                     tf.constant(1.0), tf.constant(30), tf.constant(1.0), tf.constant(False))
     logits, _ = model_step(model, last[:1], tuple(state[:1] for state in states))
     expected = tf.nn.softmax(filter_logits(logits, **options)).numpy()[0]
     frequencies = np.bincount(drawn.numpy()[:, 0], minlength=len(vocab)) / rows
-    np.testing.assert_allclose(frequencies, expected, atol=0.01)  # about 4.5 standard deviations
+    sigma = np.sqrt(expected * (1 - expected) / rows)
+    assert (np.abs(frequencies - expected) <= 4.5 * sigma + 1e-4).all(), (frequencies, expected)
     assert (expected == 0).sum() == 7 and (frequencies[expected == 0] == 0).all()
+    assert expected[32:].sum() > 0.35  # the last, partial block carries a good share
 
 
 def test_native_rows_do_not_depend_on_the_batch_or_the_threads(model, vocab):
@@ -400,23 +409,26 @@ def test_bfloat16_generation_is_the_model_with_bfloat16_products(vocab, name, ro
     assert np.median(float32_errors) > 10 * np.quantile(errors, 0.9)
 
 
-def test_bfloat16_generation_streams_text_with_the_float32_statistics(model, vocab):
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_p": 0.8}])
+def test_bfloat16_generation_streams_text_with_the_float32_statistics(model, vocab, options):
     """Over 4000 rows of one draw each, the bfloat16 loop's frequencies are the float32 model's
-    softmax within 0.03; a seed repeats its text, and a row does not depend on the batch."""
+    (filtered) softmax within 0.03; a seed repeats its text, and a row does not depend on the
+    batch."""
     bfloat16_generation_or_skip()
     generator = Generator(model, vocab, precision="bfloat16")
     rows = 4000
-    texts = generator.generate("ab c", 1, seed=11, num_samples=rows)
+    texts = generator.generate("ab c", 1, seed=11, num_samples=rows, **options)
     logits, _ = model_step(model, vocab.encode("c"),
                            Generator(model, vocab).prime_states(
                                np.array([vocab.encode("ab c")], np.int32))[1])
-    expected = tf.nn.softmax(logits).numpy()[0]
+    expected = tf.nn.softmax(filter_logits(logits, **options)).numpy()[0]
     frequencies = np.bincount([vocab.encode(text[-1])[0] for text in texts],
                               minlength=len(vocab)) / rows
     np.testing.assert_allclose(frequencies, expected, atol=0.03)
-    text = generator.generate("ab", 60, seed=3)
-    assert text == generator.generate("ab", 60, seed=3)
-    assert generator.generate("ab", 60, seed=3, num_samples=17)[0] == text
+    assert (frequencies[expected == 0] == 0).all()
+    text = generator.generate("ab", 60, seed=3, **options)
+    assert text == generator.generate("ab", 60, seed=3, **options)
+    assert generator.generate("ab", 60, seed=3, num_samples=17, **options)[0] == text
 
 
 def test_bfloat16_generation_needs_the_native_loop_and_amx(model, vocab, monkeypatch):
@@ -425,8 +437,13 @@ def test_bfloat16_generation_needs_the_native_loop_and_amx(model, vocab, monkeyp
     with pytest.raises(UsageError, match="precision must be one of float32, bfloat16"):
         Generator(model, vocab, precision="float16")
     native_loop_or_skip()
-    monkeypatch.setattr(native, "bfloat16_generation", lambda: False)
-    with pytest.raises(UsageError, match="needs a CPU with AMX .*: use --precision float32"):
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "bfloat16_generation", lambda: False)
+        with pytest.raises(UsageError, match="not available here: it needs a CPU with AMX .*, "
+                                             "Linux 5.16 .*: use --precision float32"):
+            Generator(model, vocab, loops="auto", precision="bfloat16")
+    monkeypatch.setattr(native, "library", lambda: None)  # auto then falls back to xla
+    with pytest.raises(UsageError, match="needs the native loop, which is not available here"):
         Generator(model, vocab, loops="auto", precision="bfloat16")
 
 

@@ -138,6 +138,7 @@ Split ParseSplit(const std::string& name) {
 struct Plan {
   int blocks;
   bool by_units;
+  bool rows_by_16 = false;  // row blocks start on multiples of 16 where the batch allows
 };
 
 Plan MakePlan(OpKernelContext* context, int64_t steps, int64_t batch, int64_t units,
@@ -168,8 +169,8 @@ void RunBlocks(OpKernelContext* context, int64_t batch, int64_t units, const Pla
   if (!plan.by_units) {
     auto run = [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
-        const int64_t row = Cut(batch, b, plan.blocks, false);
-        const int64_t end = Cut(batch, b + 1, plan.blocks, false);
+        const int64_t row = Cut(batch, b, plan.blocks, plan.rows_by_16);
+        const int64_t end = Cut(batch, b + 1, plan.blocks, plan.rows_by_16);
         fn(Block{row, end - row, 0, units, static_cast<int>(b), nullptr});
       }
     };
@@ -1597,7 +1598,13 @@ class GenerateOp : public OpKernel {
     Tensor* drawn = Output(context, 0, TensorShape({g.batch, g.steps}));
     if (!context->status().ok()) return;
     g.drawn = drawn->flat<int32_t>().data();
-    RunBlocks(context, g.batch, units, MakePlan(context, g.steps, g.batch, units, Split::kRows),
+    Plan plan = MakePlan(context, g.steps, g.batch, units, Split::kRows);
+    if (g.bfloat16) {  // a tile multiplies 16 rows: no block of fewer where the batch has more
+      plan.blocks = static_cast<int>(std::min<int64_t>(plan.blocks,
+                                                       std::max<int64_t>(1, g.batch / 16)));
+      plan.rows_by_16 = true;
+    }
+    RunBlocks(context, g.batch, units, plan,
               [&](const Block& block) { GenerateBlock(g, block); });
   }
 

@@ -286,20 +286,26 @@ def resolve_loops(loops="auto"):
     return "xla"
 
 
-def resolve_precision(precision, loops):
+def resolve_precision(precision, loops, requested=None):
     """Check the generation loop's precision: "bfloat16" needs the native loop where AMX runs
-    (see native.bfloat16_generation); a UsageError otherwise."""
+    (see native.bfloat16_generation); a UsageError otherwise. loops: the loop that will run;
+    requested: the one asked for (default the same), to say why it is not the native one."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bfloat16":
         from tf_charrnn import native
 
-        if loops != "native":
+        if loops != "native" and (requested or loops) != "auto":
             raise UsageError(f"bfloat16 sampling runs in the native loop only, not {loops}: "
                              f"use --loops auto or native, or --precision float32")
+        if loops != "native":
+            raise UsageError("bfloat16 sampling needs the native loop, which is not available "
+                             "here (no C++ compiler, a failed build, or TF_CHARRNN_NATIVE=0): "
+                             "use --precision float32")
         if not native.bfloat16_generation():
-            raise UsageError("bfloat16 sampling needs a CPU with AMX (Intel Xeon of the 4th "
-                             "generation or later): use --precision float32")
+            raise UsageError("bfloat16 sampling is not available here: it needs a CPU with AMX "
+                             "(Intel Xeon of the 4th generation or later), Linux 5.16 or later "
+                             "and a compiler that builds AMX code: use --precision float32")
     return precision
 
 
@@ -309,12 +315,11 @@ def make_chunk_function(model, chunk_length=CHUNK_LENGTH, loops="xla", batch_siz
     (ids [N, chunk_length], states): chunk_length steps of the generation loop, traced once.
     loops: "native" (one C++ op), "xla" (generate_ids compiled with XLA) or "plain"; precision
     "bfloat16" only with "native"."""
+    resolve_precision(precision, loops)
     # A partial rather than a closure or method: TensorFlow counts traces per code object, and
     # each chunk function's one trace is not a retrace to warn about.
     if loops == "native":
         chunk = functools.partial(_generate_chunk_natively, precision=precision)
-    elif precision != "float32":
-        raise UsageError(f"precision {precision} needs the native loop")
     else:
         chunk = _generate_chunk
     return tf.function(functools.partial(chunk, model, chunk_length),
@@ -413,7 +418,7 @@ class Generator:
                                f"{model.vocab_size}: use the run's own vocab.json")
         self.model, self.vocab, self.hangul_jamo = model, vocab, bool(hangul_jamo)
         self.loops, self.log = resolve_loops(loops), log
-        self.precision = resolve_precision(precision, self.loops)
+        self.precision = resolve_precision(precision, self.loops, requested=loops)
         if chunk_length is None:
             chunk_length = NATIVE_CHUNK_LENGTH if self.loops == "native" else CHUNK_LENGTH
         self.chunk_length = int(chunk_length)
@@ -649,7 +654,7 @@ def build_parser():
                              "text depends on the loop; xla gives the exported SavedModel's")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="of the native loop's products: float32 (the default) or bfloat16 "
-                             "(AMX tiles, on Intel Xeons of the 4th generation on: 3.7x-5.5x "
+                             "(AMX tiles, on Intel Xeons of the 4th generation on: 1.7x-5.5x "
                              "float32's characters/s for 64 streams, 1.1x-3.7x for one; cell "
                              "math and draw stay float32)")
     parser.add_argument("--unknown", choices=UNKNOWN_CHOICES, default="error",
