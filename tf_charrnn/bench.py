@@ -193,7 +193,7 @@ def measure_sampling_speed(model, seconds):
         for streams in (1, 64):
             result[f"sample_chars_per_sec_{streams}_bfloat16"] = measure_sampling(
                 generator, streams, seconds)
-    # The batch's gain: 64 streams' best rate over one stream's best (float32 for one stream).
+    # The batch's gain: 64 streams' best rate over one stream's best, either precision each.
     result["sample_64_over_1"] = (max(result["sample_chars_per_sec_64"],
                                       result.get("sample_chars_per_sec_64_bfloat16", 0.0)) /
                                   max(result["sample_chars_per_sec_1"],
