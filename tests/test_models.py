@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import keras_dtype
+from numpy_reference import gru_cell, lstm_cell, rnn_cell
 from tf_charrnn.config import ModelConfig, config_from_dict
 from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.models import (CharRNN, build_model, export_min_char_rnn, import_min_char_rnn,
@@ -140,18 +141,11 @@ def test_min_char_rnn_import_errors_name_the_problem():
 
 # --- LSTM and GRU against naive per-timestep loops built from the layers' own weights ------------
 
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def naive_lstm(x, h, c, kernel, recurrent, bias):
     """Keras's LSTM, one step at a time: gates i, f, c, o."""
     outputs = []
     for t in range(x.shape[1]):
-        z = x[:, t] @ kernel + h @ recurrent + bias
-        i, f, g, o = np.split(z, 4, axis=-1)
-        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-        h = sigmoid(o) * np.tanh(c)
+        h, c = lstm_cell(x[:, t] @ kernel + bias, h @ recurrent, c)
         outputs.append(h)
     return np.stack(outputs, 1), [h, c]
 
@@ -160,10 +154,7 @@ def naive_gru(x, h, kernel, recurrent, bias):
     """Keras's GRU with reset_after=True, one step at a time: gates z, r, h."""
     outputs = []
     for t in range(x.shape[1]):
-        x_z, x_r, x_h = np.split(x[:, t] @ kernel + bias[0], 3, axis=-1)
-        h_z, h_r, h_h = np.split(h @ recurrent + bias[1], 3, axis=-1)
-        z, r = sigmoid(x_z + h_z), sigmoid(x_r + h_r)
-        h = z * h + (1.0 - z) * np.tanh(x_h + r * h_h)
+        h = gru_cell(x[:, t] @ kernel + bias[0], h @ recurrent + bias[1], h)
         outputs.append(h)
     return np.stack(outputs, 1), [h]
 
@@ -171,7 +162,7 @@ def naive_gru(x, h, kernel, recurrent, bias):
 def naive_rnn(x, h, kernel, recurrent, bias):
     outputs = []
     for t in range(x.shape[1]):
-        h = np.tanh(x[:, t] @ kernel + h @ recurrent + bias)
+        h = rnn_cell(x[:, t] @ kernel + bias, h @ recurrent)
         outputs.append(h)
     return np.stack(outputs, 1), [h]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import numpy_reference
 from tf_charrnn import native
 from tf_charrnn.cli import run_cli
 from tf_charrnn.config import Config, DataConfig, ModelConfig
@@ -315,55 +316,6 @@ def bfloat16_generation_or_skip():
         pytest.skip("no AMX here: bfloat16 generation does not run")
 
 
-def round_to_bfloat16(array):
-    return tf.cast(tf.cast(tf.constant(array, tf.float32), tf.bfloat16), tf.float64).numpy()
-
-
-def bfloat16_reference_step(model, ids, states):
-    """The bfloat16 generation op's contract in float64 numpy, from the Keras weights: every
-    product's operands rounded to bfloat16 (the weights, each layer's h and the input it takes
-    from the layer below), except the first layer's input projection (a row of the float32
-    table); sums, biases and cell math exact. Returns (logits [N, V], new states)."""
-    def sigmoid(x):
-        return 1.0 / (1.0 + np.exp(-x))
-
-    weight = lambda variable: np.asarray(variable.numpy(), np.float64)  # noqa: E731
-    per_layer = model.states_per_layer
-    x, new_states = None, []
-    for index, layer in enumerate(model.rnn_layers):
-        kernel, recurrent, bias = (weight(w) for w in (layer.cell.kernel,
-                                                       layer.cell.recurrent_kernel,
-                                                       layer.cell.bias))
-        input_bias, recurrent_bias = (bias[0], bias[1]) if bias.ndim == 2 else (bias, 0.0)
-        if index == 0:
-            rows = (np.eye(model.vocab_size) if model.one_hot
-                    else weight(model.embedding.embeddings))
-            xw = rows[ids] @ kernel + input_bias
-        else:
-            xw = round_to_bfloat16(x) @ round_to_bfloat16(kernel) + input_bias
-        layer_states = [np.asarray(state, np.float64)
-                        for state in states[index * per_layer:(index + 1) * per_layer]]
-        h = layer_states[0]
-        hu = round_to_bfloat16(h) @ round_to_bfloat16(recurrent) + recurrent_bias
-        if model.cell == "lstm":
-            i, f, g, o = np.split(xw + hu, 4, axis=1)
-            c = sigmoid(f) * layer_states[1] + sigmoid(i) * np.tanh(g)
-            h = sigmoid(o) * np.tanh(c)
-            new_states += [h, c]
-        elif model.cell == "gru":
-            (xz, xr, xh), (hz, hr, hh) = np.split(xw, 3, axis=1), np.split(hu, 3, axis=1)
-            z, r = sigmoid(xz + hz), sigmoid(xr + hr)
-            h = z * h + (1 - z) * np.tanh(xh + r * hh)
-            new_states.append(h)
-        else:
-            h = np.tanh(xw + hu)
-            new_states.append(h)
-        x = h
-    logits = round_to_bfloat16(x) @ round_to_bfloat16(weight(model.head.kernel)) + weight(
-        model.head.bias)
-    return logits, new_states
-
-
 BFLOAT16_MODELS = dict(NATIVE_MODELS, **{
     "lstm-3x40": ModelConfig(cell="lstm", num_layers=3, hidden_size=40, embedding_size=6,
                              kernel="keras")})  # depth 40: padded to 64; G = 160: 10 tiles
@@ -392,8 +344,9 @@ def test_bfloat16_generation_is_the_model_with_bfloat16_products(vocab, name, ro
         drawn, new_states = chunk(ids, states, tf.constant(7), tf.constant(position),
                                   tf.constant(1.0), tf.constant(3), tf.constant(1.0),
                                   tf.constant(False))
-        logits, expected = bfloat16_reference_step(model, ids.numpy(),
-                                                   [state.numpy() for state in states])
+        logits, expected = numpy_reference.model_step(model, ids.numpy(),
+                                                      [state.numpy() for state in states],
+                                                      bfloat16=True)
         _, in_float32 = model_step(model, ids, states)
         drawn = drawn.numpy()[:, 0]
         chosen = logits[np.arange(rows), drawn]
