@@ -42,7 +42,7 @@
 // The bfloat16 generation path needs AMX tiles and AVX-512 BF16 conversions (the compiler sets
 // these under -march=native on a CPU that has them) and Linux's permission for the tile state.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
-    defined(__linux__)
+    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__)
 #define TF_CHARRNN_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -1011,14 +1011,18 @@ struct DrawOptions {
 // In blocks of 16 ids: each block's running sums in one register (a log-step scan), the blocks'
 // totals added in order; then the block the point falls in, and the id within it. Per row this
 // is a few dozen vector instructions where a sequential running sum is a chain of V adds.
+// The first min(count, 16) lanes of a register.
+inline __mmask16 FirstLanes(int64_t count) {
+  return _cvtu32_mask16(count >= 16 ? 0xffffu : (1u << count) - 1u);
+}
+
 inline int32_t DrawScaled(const float* scaled, int64_t vocab, float uniform, float* sums) {
   const int64_t blocks = (vocab + 15) / 16;
   const __m512 zero = _mm512_setzero_ps();
   const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   float total = 0.0f;
   for (int64_t b = 0; b < blocks; ++b) {
-    const __mmask16 valid = _cvtu32_mask16(
-        vocab - 16 * b >= 16 ? 0xffffu : (1u << (vocab - 16 * b)) - 1u);
+    const __mmask16 valid = FirstLanes(vocab - 16 * b);
     const __m512 x = _mm512_mask_loadu_ps(minus_infinity, valid, scaled + 16 * b);
     const __mmask16 weighted = _mm512_cmp_ps_mask(x, minus_infinity, _CMP_NEQ_OQ);
     __m512 sum = _mm512_maskz_mov_ps(weighted, Eigen::internal::pexp(x));  // cut ids weigh 0
@@ -1273,12 +1277,12 @@ void TileProduct(const uint16_t* a, int64_t lda, int64_t rows, const PackedWeigh
   }
 }
 
-// n floats -> bfloat16, to nearest even (n a multiple of 16; the caller pads).
+// n floats -> bfloat16, to nearest even; out past n is left as it is.
 inline void ToBfloat16(const float* in, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(in + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                        reinterpret_cast<const __m256i&>(packed));
+    const __mmask16 lanes = FirstLanes(n - i);
+    const __m256bh packed = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(lanes, in + i));
+    _mm256_mask_storeu_epi16(out + i, lanes, reinterpret_cast<const __m256i&>(packed));
   }
 }
 #endif  // TF_CHARRNN_AMX
@@ -1348,7 +1352,7 @@ class TileProducts {
         logits_stride_(g.head.cols()),
         h_(g.layers, TileVector<uint16_t>(padded_rows_ * depth_, 0)),
         z_(padded_rows_ * stride_), xw_(padded_rows_ * stride_),
-        logits_(padded_rows_ * logits_stride_), scratch_(RoundUp(g.units, 16), 0.0f) {
+        logits_(padded_rows_ * logits_stride_) {
     _tile_loadconfig(&kTileConfig);
   }
   ~TileProducts() { _tile_release(); }
@@ -1363,11 +1367,9 @@ class TileProducts {
     TileProduct(h_[l].data(), depth_, padded_rows_, g_.packed_recurrent[l], nullptr, z_.data(),
                 stride_);
   }
-  void Updated(int64_t l, const float* h) {
-    const int64_t units = g_.units, width = scratch_.size();
+  void Updated(int64_t l, const float* h) {  // the rows' padding columns stay 0
     for (int64_t r = 0; r < rows_; ++r) {
-      std::copy_n(h + r * units, units, scratch_.data());
-      ToBfloat16(scratch_.data(), width, h_[l].data() + r * depth_);
+      ToBfloat16(h + r * g_.units, g_.units, h_[l].data() + r * depth_);
     }
   }
   void Head(float*) {
@@ -1385,7 +1387,6 @@ class TileProducts {
   int64_t rows_, padded_rows_, depth_, stride_, logits_stride_;
   std::vector<TileVector<uint16_t>> h_;  // per layer: [padded rows, depth] bfloat16
   TileVector<float> z_, xw_, logits_;
-  std::vector<float> scratch_;  // one row of h, padded with zeros to 16s
 };
 #endif  // TF_CHARRNN_AMX
 
