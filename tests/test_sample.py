@@ -301,6 +301,37 @@ def test_native_draws_over_several_blocks_of_ids_follow_the_distribution(precisi
     assert expected[32:].sum() > 0.35  # the last, partial block carries a good share
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("rows", [52, 44])
+def test_native_draws_by_lanes_are_the_row_by_row_draws(precision, temperature, rows):
+    """Without top-k or top-p the op draws groups of 8 to 16 rows at once, a row per vector lane;
+    top-k = V keeps every id and draws each row on its own, the other way. Over 100 steps and 37
+    ids (three blocks of 16), both give the same ids (a difference would feed back and spread).
+    On two threads 52 rows make blocks of 26 (a group of 16, one of 10), 44 blocks of 22 (a
+    group of 16, then 6 rows one by one)."""
+    native_loop_or_skip()
+    if precision == "bfloat16":
+        bfloat16_generation_or_skip()
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz0123456789 ")
+    model = tiny_model(vocab, ModelConfig(cell="gru", num_layers=1, hidden_size=16,
+                                          embedding_size=8, kernel="keras"), seed=5)
+    model.head.bias.assign(np.random.default_rng(0).normal(0.0, 1.5, len(vocab)))
+    steps = 100
+    states = (tf.constant(np.random.default_rng(1).normal(0.0, 1.0, [rows, 16]), tf.float32),)
+    last = tf.constant(np.arange(rows) % len(vocab), tf.int32)
+    chunk = make_chunk_function(model, steps, "native", precision=precision)
+
+    def drawn(top_k):
+        ids, _ = chunk(last, states, tf.constant(7), tf.constant(0), tf.constant(temperature),
+                       tf.constant(top_k), tf.constant(1.0), tf.constant(False))
+        return ids.numpy()
+
+    by_lanes = drawn(0)
+    np.testing.assert_array_equal(by_lanes, drawn(len(vocab)))
+    assert len(set(map(tuple, by_lanes))) == rows and len(np.unique(by_lanes)) > 30
+
+
 def test_native_rows_do_not_depend_on_the_batch_or_the_threads(model, vocab):
     """Row 0 of 40 samples (split between the threads) is the one-sample text; all differ."""
     native_loop_or_skip()

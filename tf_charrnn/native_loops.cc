@@ -1095,6 +1095,116 @@ int32_t DrawRow(const float* logits, int64_t vocab, const DrawOptions& options, 
   return DrawScaled(scaled, vocab, uniform, ordered);
 }
 
+#if defined(__AVX512F__)
+// Draws for 16 rows at once, one row per lane: DrawRow's arithmetic without top-k or top-p,
+// operation for operation (the same shift, division, exp, scan within each block of 16 ids, block
+// totals added in order, point and search), so a row draws the same id either way and a stream's
+// text does not depend on how many rows run beside it. Where DrawRow reduces and scans along a
+// row, with shuffles in the registers and a branch per block, here each step is one vector
+// operation on 16 rows: at V = 65 about 2.3x fewer cycles a row.
+constexpr int64_t kLaneRows = 16;
+
+// 16 x 16 floats in place: lane j of rows[i] and lane i of rows[j] trade places.
+inline void Transpose16(__m512* rows) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows: 2 x 2 blocks
+    t[i] = _mm512_unpacklo_ps(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(rows[i], rows[i + 1]);
+  }
+  const auto low = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  const auto high = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks within each 128-bit lane
+    rows[i] = low(t[i], t[i + 2]);
+    rows[i + 1] = high(t[i], t[i + 2]);
+    rows[i + 2] = low(t[i + 1], t[i + 3]);
+    rows[i + 3] = high(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {  // then the 128-bit lanes, in two rounds
+    t[i] = _mm512_shuffle_f32x4(rows[i], rows[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(rows[i], rows[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(rows[i + 8], rows[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(rows[i + 8], rows[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    rows[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    rows[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    rows[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    rows[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// ids[0, count) for rows [0, count) (count <= 16) of logits (row stride `stride`), with
+// uniforms[0, count) and temperature; sums: scratch of V rounded up to 16s registers, one per id.
+void DrawLaneRows(const float* logits, int64_t stride, int64_t count, int64_t vocab,
+                  float temperature, const float* uniforms, __m512* sums, int32_t* ids) {
+  const int64_t blocks = (vocab + 15) / 16;
+  const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // The logits turned so that register v holds id v's logit of every row; ids past V are -inf,
+  // rows past count 0 (their draws are not kept).
+  __m512 largest = minus_infinity;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __mmask16 valid = FirstLanes(vocab - 16 * b);
+    __m512* x = sums + 16 * b;
+    for (int64_t r = 0; r < 16; ++r) {
+      x[r] = r < count ? _mm512_mask_loadu_ps(minus_infinity, valid, logits + r * stride + 16 * b)
+                       : _mm512_setzero_ps();
+    }
+    Transpose16(x);
+    for (int i = 0; i < 16; ++i) largest = _mm512_max_ps(largest, x[i]);
+  }
+  // Weights and their running sums within each block (DrawScaled's scan: lane i adds lane i - 1,
+  // then i - 2, i - 4, i - 8; here register i adds register i - 1, ...).
+  const __m512 divisor = _mm512_set1_ps(temperature);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512* s = sums + 16 * b;
+    for (int i = 0; i < 16; ++i) {
+      __m512 x = _mm512_sub_ps(s[i], largest);
+      if (temperature != 1.0f) x = _mm512_div_ps(x, divisor);  // x / 1 is x
+      const __mmask16 weighted = _mm512_cmp_ps_mask(x, minus_infinity, _CMP_NEQ_OQ);
+      s[i] = _mm512_maskz_mov_ps(weighted, Eigen::internal::pexp(x));
+    }
+    for (int shift = 1; shift < 16; shift *= 2) {
+      for (int i = 15; i >= shift; --i) s[i] = _mm512_add_ps(s[i], s[i - shift]);
+    }
+    total = _mm512_add_ps(total, s[15]);
+  }
+  // point = min(uniform x total, the float below total); total > 0 where the logits are finite.
+  const __m512 below = _mm512_castsi512_ps(
+      _mm512_sub_epi32(_mm512_castps_si512(total), _mm512_set1_epi32(1)));
+  const __m512 nearest = _mm512_mask_blend_ps(
+      _mm512_cmp_ps_mask(total, _mm512_setzero_ps(), _CMP_GT_OQ), total, below);
+  const __m512 point = _mm512_min_ps(
+      _mm512_mul_ps(_mm512_maskz_loadu_ps(FirstLanes(count), uniforms), total), nearest);
+  // DrawScaled's search: whole blocks while their last running sum is at or under the point
+  // (never the last block), then the ids at or under it in the block where a row stops.
+  const __m512i one = _mm512_set1_epi32(1), sixteen = _mm512_set1_epi32(16);
+  __m512 before = _mm512_setzero_ps();
+  __m512i id = _mm512_setzero_si512();
+  __mmask16 searching = 0xffff;
+  for (int64_t b = 0; b < blocks && searching != 0; ++b) {
+    const __m512* s = sums + 16 * b;
+    const __mmask16 passes = b + 1 < blocks ? _mm512_mask_cmp_ps_mask(
+        searching, _mm512_add_ps(before, s[15]), point, _CMP_LE_OQ) : 0;
+    const __mmask16 stops = searching & ~passes;
+    for (int i = 0; i < 16; ++i) {
+      const __mmask16 under = _mm512_mask_cmp_ps_mask(stops, _mm512_add_ps(before, s[i]), point,
+                                                       _CMP_LE_OQ);
+      id = _mm512_mask_add_epi32(id, under, id, one);
+    }
+    id = _mm512_mask_add_epi32(id, passes, id, sixteen);
+    searching = passes;
+    before = _mm512_add_ps(before, s[15]);
+  }
+  id = _mm512_min_epi32(id, _mm512_set1_epi32(static_cast<int32_t>(vocab - 1)));
+  _mm512_mask_storeu_epi32(ids, FirstLanes(count), id);
+}
+#endif  // __AVX512F__
+
 // ---------------------------------------------------------------------------------------------
 // bfloat16 products on AMX for the generation loop (precision "bfloat16"). A tile multiply takes
 // [16, 32] x [32, 16] bfloat16 and adds the float32 products into a [16, 16] float32 tile: up to
@@ -1309,6 +1419,52 @@ struct Generation {
   PackedWeights packed_head;
 };
 
+// One block's draws per step: DrawLaneRows for groups of at least 8 rows where the options
+// allow (no top-k or top-p; argmax is top-k 1), DrawRow for the others. Either gives a row the
+// same id.
+class Draws {
+ public:
+  Draws(const Generation& g, int64_t rows)
+      : g_(g), rows_(rows), scaled_(g.vocab), ordered_(RoundUp(g.vocab, 16)) {
+#if defined(__AVX512F__)
+    if (g.options.top_k == 0 && g.options.top_p >= 1.0f) {
+      lane_rows_ = rows - (rows % kLaneRows < kMinLaneRows ? rows % kLaneRows : 0);
+      sums_.resize(RoundUp(g.vocab, 16));
+    }
+#endif
+  }
+  // ids[0, rows) = the draws of step t from logits [rows, V] (row stride `stride`) of the rows
+  // from `row` on.
+  void Step(const float* logits, int64_t stride, int64_t row, int64_t t, int32_t* ids) {
+    int64_t r = 0;
+#if defined(__AVX512F__)
+    for (; r < lane_rows_; r += kLaneRows) {
+      const int64_t count = std::min(kLaneRows, lane_rows_ - r);
+      float uniforms[kLaneRows];
+      for (int64_t i = 0; i < count; ++i) {
+        uniforms[i] = Uniform(g_.seed, g_.position + t, row + r + i);
+      }
+      DrawLaneRows(logits + r * stride, stride, count, g_.vocab, g_.options.temperature, uniforms,
+                   sums_.data(), ids + r);
+    }
+#endif
+    for (; r < rows_; ++r) {
+      ids[r] = DrawRow(logits + r * stride, g_.vocab, g_.options,
+                       Uniform(g_.seed, g_.position + t, row + r), scaled_.data(),
+                       ordered_.data());
+    }
+  }
+
+ private:
+  static constexpr int64_t kMinLaneRows = 8;  // fewer: the rows' own draws cost less
+  const Generation& g_;
+  int64_t rows_, lane_rows_ = 0;
+  std::vector<float> scaled_, ordered_;
+#if defined(__AVX512F__)
+  std::vector<__m512> sums_;
+#endif
+};
+
 // The products of one block's generation step in float32 (Product: AVX-512 register tiles).
 // Layer l's pre-activations: z = h U into Z(), and for l > 0 xw = x W + b into XW(); the head's
 // logits x Wy + by into Logits(); each a [rows, *] matrix with the row stride the *Stride()
@@ -1396,7 +1552,7 @@ void GenerateBlockWith(const Generation& g, const Block& block) {
   const int per_layer = g.kind->states;
   Products products(g, rows);
   std::vector<int32_t> ids(g.ids + row, g.ids + row + rows);
-  std::vector<float> scaled(g.vocab), ordered(RoundUp(g.vocab, 16));
+  Draws draws(g, rows);
   auto state = [&](int64_t l, int which) { return g.states[l * per_layer + which] + row * units; };
   for (int64_t l = 0; l < g.layers; ++l) products.Updated(l, state(l, 0));  // the initial h
   const int64_t stride = products.Stride();
@@ -1434,11 +1590,8 @@ void GenerateBlockWith(const Generation& g, const Block& block) {
       x = h;
     }
     products.Head(x);
-    for (int64_t r = 0; r < rows; ++r) {
-      ids[r] = DrawRow(products.Logits() + r * products.LogitsStride(), g.vocab, g.options,
-                       Uniform(g.seed, g.position + t, row + r), scaled.data(), ordered.data());
-      g.drawn[(row + r) * g.steps + t] = ids[r];
-    }
+    draws.Step(products.Logits(), products.LogitsStride(), row, t, ids.data());
+    for (int64_t r = 0; r < rows; ++r) g.drawn[(row + r) * g.steps + t] = ids[r];
   }
 }
 
