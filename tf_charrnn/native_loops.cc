@@ -1162,7 +1162,9 @@ void DrawLaneRows(const float* logits, int64_t stride, int64_t count, int64_t vo
   __m512 total = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     __m512* s = sums + 16 * b;
-    for (int i = 0; i < 16; ++i) {
+    const int64_t ids_here = std::min<int64_t>(16, vocab - 16 * b);
+    for (int64_t i = ids_here; i < 16; ++i) s[i] = _mm512_setzero_ps();  // past V: weight 0
+    for (int64_t i = 0; i < ids_here; ++i) {
       __m512 x = _mm512_sub_ps(s[i], largest);
       if (temperature != 1.0f) x = _mm512_div_ps(x, divisor);  // x / 1 is x
       const __mmask16 weighted = _mm512_cmp_ps_mask(x, minus_infinity, _CMP_NEQ_OQ);
