@@ -311,13 +311,15 @@ def test_two_workers_train_like_one_device_and_only_the_chief_writes(tiny_corpus
 def test_two_workers_agree_on_when_a_time_budget_ends(tiny_corpus, tmp_path):
     """Worker 1's clock runs twice as fast: unless the workers agree on the time, worker 1
     leaves the loop first and worker 0 waits in a collective, and the cosine schedule, which
-    follows the time spent, gives each worker its own learning rate."""
+    follows the time spent, gives each worker its own learning rate. (The budget counts the
+    first, compiling call: 8 s on worker 1's clock leaves steps after it even on a loaded
+    machine, where 4 s once did not.)"""
     import tensorflow as tf
 
     from tf_charrnn.runs import Run
 
     (chief, worker), _ = run_workers(tiny_corpus, [tmp_path / "chief", tmp_path / "worker"],
-                                     10 ** 6, 10 ** 6, tmp_path, "timed", max_seconds=4,
+                                     10 ** 6, 10 ** 6, tmp_path, "timed", max_seconds=8,
                                      clock_rates=(1, 2))
     assert_workers_in_lockstep(chief, worker)
     assert len(chief["steps"]) > 1
@@ -325,7 +327,7 @@ def test_two_workers_agree_on_when_a_time_budget_ends(tiny_corpus, tmp_path):
     assert newest.step == chief["steps"][-1]
     seconds = tf.train.load_checkpoint(str(newest.prefix)).get_tensor(
         "seconds_trained/.ATTRIBUTES/VARIABLE_VALUE")
-    assert 4 <= seconds < 30
+    assert 8 <= seconds < 30
 
 
 def test_a_stop_signal_to_one_worker_stops_every_worker(tiny_corpus, tmp_path):

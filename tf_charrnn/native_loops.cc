@@ -1099,9 +1099,10 @@ int32_t DrawRow(const float* logits, int64_t vocab, const DrawOptions& options, 
 // Draws for 16 rows at once, one row per lane: DrawRow's arithmetic without top-k or top-p,
 // operation for operation (the same shift, division, exp, scan within each block of 16 ids, block
 // totals added in order, point and search), so a row draws the same id either way and a stream's
-// text does not depend on how many rows run beside it. Where DrawRow reduces and scans along a
+// text does not depend on how many rows run beside it (for finite logits: a NaN, from a diverged
+// model, drops out of this max but not out of DrawRow's). Where DrawRow reduces and scans along a
 // row, with shuffles in the registers and a branch per block, here each step is one vector
-// operation on 16 rows: at V = 65 about 2.3x fewer cycles a row.
+// operation on 16 rows: at V = 65 about 2.6x fewer cycles a row in a standalone test.
 constexpr int64_t kLaneRows = 16;
 
 // 16 x 16 floats in place: lane j of rows[i] and lane i of rows[j] trade places.
