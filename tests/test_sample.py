@@ -332,6 +332,51 @@ def test_native_draws_by_lanes_are_the_row_by_row_draws(precision, temperature, 
     assert len(set(map(tuple, by_lanes))) == rows and len(np.unique(by_lanes)) > 30
 
 
+@pytest.mark.parametrize("vocab_size", [1, 5, 16, 37, 65])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_lane_draws_match_row_draws_at_the_boundaries_of_the_cumulative_weights(vocab_size,
+                                                                                 temperature):
+    """The op's draw on given logits and uniform numbers, 16 rows a group against row by row:
+    the same ids for 1003 rows (62 whole groups and one of 11), each uniform within two floats of
+    a boundary where the cumulative weights pass from one id to the next (or 0, or the float
+    below 1), so that a sum, a scale or a comparison off by one rounding would show; and never an
+    id that weighs nothing, though there the running sums of the two ids either side of it may
+    come out a float out of order."""
+    native_loop_or_skip()
+    rng = np.random.default_rng(vocab_size)
+    rows = 1003
+    logits = rng.normal(0.0, 3.0, [rows, vocab_size]).astype(np.float32)
+    # Ids that weigh nothing: cut (-inf), or finite with an exp below float's range.
+    logits[rng.random([rows, vocab_size]) < 0.05] = -np.inf
+    logits[rng.random([rows, vocab_size]) < 0.03] = -150.0
+    logits[np.arange(rows), rng.integers(0, vocab_size, rows)] = 1.0  # every row has a finite max
+    scaled = (logits - logits.max(axis=1, keepdims=True)) / np.float32(temperature)
+    weights = np.exp(scaled.astype(np.float64))
+    cumulative = np.cumsum(weights, axis=1) / weights.sum(axis=1, keepdims=True)
+    boundary = cumulative[np.arange(rows), rng.integers(0, vocab_size, rows)].astype(np.float32)
+    uniforms = boundary
+    for _ in range(2):  # up to two floats either way
+        step = rng.integers(-1, 2, rows)
+        uniforms = np.where(step < 0, np.nextafter(uniforms, np.float32(0)),
+                            np.where(step > 0, np.nextafter(uniforms, np.float32(1)), uniforms))
+    uniforms = np.clip(uniforms, 0.0, np.nextafter(np.float32(1), np.float32(0)))
+    uniforms[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]
+    draw_op = native.library().tf_charrnn_draw
+
+    def draws(by_lanes):
+        return draw_op(logits=logits, uniforms=uniforms.astype(np.float32),
+                       temperature=temperature, top_k=0, top_p=1.0, by_lanes=by_lanes).numpy()
+
+    try:
+        by_lanes = draws(True)
+    except tf.errors.UnimplementedError:
+        pytest.skip("the native library has no AVX-512 here: it draws row by row only")
+    by_rows = draws(False)
+    np.testing.assert_array_equal(by_lanes, by_rows)
+    assert (logits[np.arange(rows), by_rows] > -100).all()  # never an id that weighs nothing
+    assert len(np.unique(by_rows)) >= min(vocab_size, 30)
+
+
 def test_native_rows_do_not_depend_on_the_batch_or_the_threads(model, vocab):
     """Row 0 of 40 samples (split between the threads) is the one-sample text; all differ."""
     native_loop_or_skip()

@@ -18,11 +18,12 @@
 //          meet at a barrier once per step; they are started per call (not taken from
 //          TensorFlow's pool, whose threads may be busy elsewhere and would leave a barrier
 //          waiting).
-// Two more ops: TfCharrnnSumById sums the first layer's gate gradients per character id (the
+// More ops: TfCharrnnSumById sums the first layer's gate gradients per character id (the
 // table source's dTable in kernels.py); TfCharrnnGenerate runs the sampler's whole generation
 // loop (sample.py) for a stack of layers, with the cells above, the head and the draw, its
 // products in float32 or (precision bfloat16, where the CPU has AMX) on AMX tiles;
-// TfCharrnnBfloat16Generation says whether the latter runs here.
+// TfCharrnnBfloat16Generation says whether the latter runs here; TfCharrnnDraw runs its draw
+// on given logits and uniform numbers (for the tests).
 
 #include <algorithm>
 #include <atomic>
@@ -1004,19 +1005,36 @@ struct DrawOptions {
   float top_p;    // 1: off
 };
 
-// The draw from scaled logits [V] (the largest 0; cut ones -inf): the first id where the
-// cumulative weights exp(scaled) pass uniform x their total, never past the last id with any
-// weight. sums: [V rounded up to 16s] scratch.
+// The draw from scaled logits [V] (the largest 0; cut ones -inf), which it overwrites with their
+// weights exp(scaled): the first id where the running sum of the weights passes uniform x their
+// total. sums: [V rounded up to 16s] scratch.
 #if defined(__AVX512F__)
 // In blocks of 16 ids: each block's running sums in one register (a log-step scan), the blocks'
 // totals added in order; then the block the point falls in, and the id within it. Per row this
 // is a few dozen vector instructions where a sequential running sum is a chain of V adds.
+// The scan adds in a tree, so rounding can leave neighbouring running sums a float out of order,
+// and where the point falls between two such the count can stop on an id that weighs nothing
+// (cut, or its exp below float's range). That id is then passed on to the next one with weight
+// (WeightedFrom), so an id that weighs nothing is never drawn.
 // The first min(count, 16) lanes of a register.
 inline __mmask16 FirstLanes(int64_t count) {
   return _cvtu32_mask16(count >= 16 ? 0xffffu : (1u << count) - 1u);
 }
 
-inline int32_t DrawScaled(const float* scaled, int64_t vocab, float uniform, float* sums) {
+// id if weighs(id), else the next id after it that weighs(), else the last one before it.
+template <typename Weighs>
+int64_t WeightedFrom(int64_t id, int64_t vocab, Weighs weighs) {
+  if (weighs(id)) return id;
+  for (int64_t next = id + 1; next < vocab; ++next) {
+    if (weighs(next)) return next;
+  }
+  for (int64_t before = id - 1; before >= 0; --before) {
+    if (weighs(before)) return before;
+  }
+  return id;  // nothing weighs anything (NaN logits)
+}
+
+inline int32_t DrawScaled(float* scaled, int64_t vocab, float uniform, float* sums) {
   const int64_t blocks = (vocab + 15) / 16;
   const __m512 zero = _mm512_setzero_ps();
   const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -1026,6 +1044,7 @@ inline int32_t DrawScaled(const float* scaled, int64_t vocab, float uniform, flo
     const __m512 x = _mm512_mask_loadu_ps(minus_infinity, valid, scaled + 16 * b);
     const __mmask16 weighted = _mm512_cmp_ps_mask(x, minus_infinity, _CMP_NEQ_OQ);
     __m512 sum = _mm512_maskz_mov_ps(weighted, Eigen::internal::pexp(x));  // cut ids weigh 0
+    _mm512_mask_storeu_ps(scaled + 16 * b, valid, sum);
     // Running sums within the block: lane i adds lane i - 1, then i - 2, i - 4, i - 8.
     sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_alignr_epi32(
                                  _mm512_castps_si512(sum), _mm512_castps_si512(zero), 15)));
@@ -1046,14 +1065,18 @@ inline int32_t DrawScaled(const float* scaled, int64_t vocab, float uniform, flo
   const __mmask16 passed = _mm512_cmp_ps_mask(
       _mm512_add_ps(_mm512_set1_ps(before), _mm512_loadu_ps(sums + 16 * b)),
       _mm512_set1_ps(point), _CMP_LE_OQ);
-  // The block's running sums rise, so the ids at or under the point come first.
-  const int64_t id = 16 * b + _mm_popcnt_u32(_cvtmask16_u32(passed));
-  return static_cast<int32_t>(std::min(id, vocab - 1));
+  // The block's running sums rise (but for rounding), so the ids at or under the point come first.
+  const int64_t id = std::min(16 * b + _mm_popcnt_u32(_cvtmask16_u32(passed)), vocab - 1);
+  return static_cast<int32_t>(
+      WeightedFrom(id, vocab, [&](int64_t v) { return scaled[v] > 0.0f; }));
 }
 #else
-inline int32_t DrawScaled(const float* scaled, int64_t vocab, float uniform, float* sums) {
+// A sequential running sum: it never falls, and an id that weighs nothing sums what the id
+// before it does, so the first id past the point has weight.
+inline int32_t DrawScaled(float* scaled, int64_t vocab, float uniform, float* sums) {
   using Array = Eigen::Array<float, Eigen::Dynamic, 1>;
-  Eigen::Map<Array>(sums, vocab) = Eigen::Map<const Array>(scaled, vocab).exp();
+  Eigen::Map<Array>(scaled, vocab) = Eigen::Map<const Array>(scaled, vocab).exp();
+  std::copy(scaled, scaled + vocab, sums);
   for (int64_t v = 1; v < vocab; ++v) sums[v] += sums[v - 1];
   const float total = sums[vocab - 1];
   // Strictly below the total, so the draw never runs past the last id with any weight.
@@ -1139,10 +1162,13 @@ inline void Transpose16(__m512* rows) {
 }
 
 // ids[0, count) for rows [0, count) (count <= 16) of logits (row stride `stride`), with
-// uniforms[0, count) and temperature; sums: scratch of V rounded up to 16s registers, one per id.
+// uniforms[0, count) and temperature; sums: scratch of V rounded up to 16s registers, one per id,
+// weighted: as many masks (the rows where the id has weight).
 void DrawLaneRows(const float* logits, int64_t stride, int64_t count, int64_t vocab,
-                  float temperature, const float* uniforms, __m512* sums, int32_t* ids) {
+                  float temperature, const float* uniforms, __m512* sums, __mmask16* weighted,
+                  int32_t* ids) {
   const int64_t blocks = (vocab + 15) / 16;
+  const __m512 zero = _mm512_setzero_ps();
   const __m512 minus_infinity = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   // The logits turned so that register v holds id v's logit of every row; ids past V are -inf,
   // rows past count 0 (their draws are not kept).
@@ -1152,7 +1178,7 @@ void DrawLaneRows(const float* logits, int64_t stride, int64_t count, int64_t vo
     __m512* x = sums + 16 * b;
     for (int64_t r = 0; r < 16; ++r) {
       x[r] = r < count ? _mm512_mask_loadu_ps(minus_infinity, valid, logits + r * stride + 16 * b)
-                       : _mm512_setzero_ps();
+                       : zero;
     }
     Transpose16(x);
     for (int i = 0; i < 16; ++i) largest = _mm512_max_ps(largest, x[i]);
@@ -1160,16 +1186,17 @@ void DrawLaneRows(const float* logits, int64_t stride, int64_t count, int64_t vo
   // Weights and their running sums within each block (DrawScaled's scan: lane i adds lane i - 1,
   // then i - 2, i - 4, i - 8; here register i adds register i - 1, ...).
   const __m512 divisor = _mm512_set1_ps(temperature);
-  __m512 total = _mm512_setzero_ps();
+  __m512 total = zero;
   for (int64_t b = 0; b < blocks; ++b) {
     __m512* s = sums + 16 * b;
     const int64_t ids_here = std::min<int64_t>(16, vocab - 16 * b);
-    for (int64_t i = ids_here; i < 16; ++i) s[i] = _mm512_setzero_ps();  // past V: weight 0
+    for (int64_t i = ids_here; i < 16; ++i) s[i] = zero;  // past V: weight 0
     for (int64_t i = 0; i < ids_here; ++i) {
       __m512 x = _mm512_sub_ps(s[i], largest);
       if (temperature != 1.0f) x = _mm512_div_ps(x, divisor);  // x / 1 is x
-      const __mmask16 weighted = _mm512_cmp_ps_mask(x, minus_infinity, _CMP_NEQ_OQ);
-      s[i] = _mm512_maskz_mov_ps(weighted, Eigen::internal::pexp(x));
+      const __mmask16 finite = _mm512_cmp_ps_mask(x, minus_infinity, _CMP_NEQ_OQ);
+      s[i] = _mm512_maskz_mov_ps(finite, Eigen::internal::pexp(x));
+      weighted[16 * b + i] = _mm512_cmp_ps_mask(s[i], zero, _CMP_GT_OQ);
     }
     for (int shift = 1; shift < 16; shift *= 2) {
       for (int i = 15; i >= shift; --i) s[i] = _mm512_add_ps(s[i], s[i - shift]);
@@ -1180,13 +1207,13 @@ void DrawLaneRows(const float* logits, int64_t stride, int64_t count, int64_t vo
   const __m512 below = _mm512_castsi512_ps(
       _mm512_sub_epi32(_mm512_castps_si512(total), _mm512_set1_epi32(1)));
   const __m512 nearest = _mm512_mask_blend_ps(
-      _mm512_cmp_ps_mask(total, _mm512_setzero_ps(), _CMP_GT_OQ), total, below);
+      _mm512_cmp_ps_mask(total, zero, _CMP_GT_OQ), total, below);
   const __m512 point = _mm512_min_ps(
       _mm512_mul_ps(_mm512_maskz_loadu_ps(FirstLanes(count), uniforms), total), nearest);
   // DrawScaled's search: whole blocks while their last running sum is at or under the point
   // (never the last block), then the ids at or under it in the block where a row stops.
   const __m512i one = _mm512_set1_epi32(1), sixteen = _mm512_set1_epi32(16);
-  __m512 before = _mm512_setzero_ps();
+  __m512 before = zero;
   __m512i id = _mm512_setzero_si512();
   __mmask16 searching = 0xffff;
   for (int64_t b = 0; b < blocks && searching != 0; ++b) {
@@ -1205,7 +1232,13 @@ void DrawLaneRows(const float* logits, int64_t stride, int64_t count, int64_t vo
   }
   id = _mm512_min_epi32(id, _mm512_set1_epi32(static_cast<int32_t>(vocab - 1)));
   _mm512_mask_storeu_epi32(ids, FirstLanes(count), id);
+  for (int64_t r = 0; r < count; ++r) {  // DrawScaled's last step
+    ids[r] = static_cast<int32_t>(WeightedFrom(ids[r], vocab, [&](int64_t v) {
+      return (_cvtmask16_u32(weighted[v]) >> r & 1u) != 0;
+    }));
+  }
 }
+
 #endif  // __AVX512F__
 
 // ---------------------------------------------------------------------------------------------
@@ -1433,6 +1466,7 @@ class Draws {
     if (g.options.top_k == 0 && g.options.top_p >= 1.0f) {
       lane_rows_ = rows - (rows % kLaneRows < kMinLaneRows ? rows % kLaneRows : 0);
       sums_.resize(RoundUp(g.vocab, 16));
+      weighted_.resize(RoundUp(g.vocab, 16));
     }
 #endif
   }
@@ -1448,7 +1482,7 @@ class Draws {
         uniforms[i] = Uniform(g_.seed, g_.position + t, row + r + i);
       }
       DrawLaneRows(logits + r * stride, stride, count, g_.vocab, g_.options.temperature, uniforms,
-                   sums_.data(), ids + r);
+                   sums_.data(), weighted_.data(), ids + r);
     }
 #endif
     for (; r < rows_; ++r) {
@@ -1465,6 +1499,7 @@ class Draws {
   std::vector<float> scaled_, ordered_;
 #if defined(__AVX512F__)
   std::vector<__m512> sums_;
+  std::vector<__mmask16> weighted_;
 #endif
 };
 
@@ -1773,6 +1808,67 @@ class GenerateOp : public OpKernel {
 };
 
 REGISTER_KERNEL_BUILDER(Name("TfCharrnnGenerate").Device(DEVICE_CPU), GenerateOp);
+
+// (logits [N, V], uniforms [N], temperature, top_k, top_p) -> ids [N]: the generation op's draw
+// on given logits and uniform numbers, by_lanes (16 rows a group, as the op draws where it can;
+// no top-k or top-p; an error where the library has no AVX-512) or row by row. For the tests,
+// which hold the two to the same ids near every boundary of the cumulative weights.
+REGISTER_OP("TfCharrnnDraw")
+    .Attr("by_lanes: bool")
+    .Input("logits: float").Input("uniforms: float").Input("temperature: float")
+    .Input("top_k: int32").Input("top_p: float")
+    .Output("ids: int32")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Vector(c->Dim(c->input(0), 0)));
+      return tensorflow::OkStatus();
+    });
+
+class DrawOp : public OpKernel {
+ public:
+  explicit DrawOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("by_lanes", &by_lanes_));
+  }
+  void Compute(OpKernelContext* context) override {
+    const Tensor& logits = context->input(0);
+    const Tensor& uniforms = context->input(1);
+    OP_REQUIRES(context, logits.dims() == 2 && logits.dim_size(1) > 0 && uniforms.dims() == 1 &&
+                             uniforms.dim_size(0) == logits.dim_size(0),
+                tensorflow::errors::InvalidArgument("logits must be [N, V > 0], uniforms [N]"));
+    const int64_t rows = logits.dim_size(0), vocab = logits.dim_size(1);
+    const DrawOptions options{context->input(2).scalar<float>()(),
+                              context->input(3).scalar<int32_t>()(),
+                              context->input(4).scalar<float>()()};
+    Tensor* ids_tensor = Output(context, 0, TensorShape({rows}));
+    if (ids_tensor == nullptr) return;
+    int32_t* ids = ids_tensor->flat<int32_t>().data();
+    const float* in = logits.flat<float>().data();
+    const float* u = uniforms.flat<float>().data();
+    if (by_lanes_) {
+#if defined(__AVX512F__)
+      OP_REQUIRES(context, options.top_k == 0 && options.top_p >= 1.0f,
+                  tensorflow::errors::InvalidArgument("lanes draw without top-k or top-p"));
+      std::vector<__m512> sums(RoundUp(vocab, 16));
+      std::vector<__mmask16> weighted(RoundUp(vocab, 16));
+      for (int64_t r = 0; r < rows; r += kLaneRows) {
+        DrawLaneRows(in + r * vocab, vocab, std::min(kLaneRows, rows - r), vocab,
+                     options.temperature, u + r, sums.data(), weighted.data(), ids + r);
+      }
+#else
+      context->SetStatus(tensorflow::errors::Unimplemented("built without AVX-512"));
+#endif
+      return;
+    }
+    std::vector<float> scaled(vocab), ordered(RoundUp(vocab, 16));
+    for (int64_t r = 0; r < rows; ++r) {
+      ids[r] = DrawRow(in + r * vocab, vocab, options, u[r], scaled.data(), ordered.data());
+    }
+  }
+
+ private:
+  bool by_lanes_ = false;
+};
+
+REGISTER_KERNEL_BUILDER(Name("TfCharrnnDraw").Device(DEVICE_CPU), DrawOp);
 
 // () -> whether TfCharrnnGenerate runs with precision bfloat16 here (see AmxReady).
 REGISTER_OP("TfCharrnnBfloat16Generation")
