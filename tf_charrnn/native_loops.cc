@@ -1457,7 +1457,7 @@ struct Generation {
 
 // One block's draws per step: DrawLaneRows for groups of at least 8 rows where the options
 // allow (no top-k or top-p; argmax is top-k 1), DrawRow for the others. Either gives a row the
-// same id.
+// same id (for finite logits).
 class Draws {
  public:
   Draws(const Generation& g, int64_t rows)
@@ -1834,10 +1834,17 @@ class DrawOp : public OpKernel {
     OP_REQUIRES(context, logits.dims() == 2 && logits.dim_size(1) > 0 && uniforms.dims() == 1 &&
                              uniforms.dim_size(0) == logits.dim_size(0),
                 tensorflow::errors::InvalidArgument("logits must be [N, V > 0], uniforms [N]"));
+    OP_REQUIRES(context, context->input(2).dims() == 0 && context->input(3).dims() == 0 &&
+                             context->input(4).dims() == 0,
+                tensorflow::errors::InvalidArgument("temperature, top_k and top_p are scalars"));
     const int64_t rows = logits.dim_size(0), vocab = logits.dim_size(1);
     const DrawOptions options{context->input(2).scalar<float>()(),
                               context->input(3).scalar<int32_t>()(),
                               context->input(4).scalar<float>()()};
+    OP_REQUIRES(context, options.temperature > 0.0f && options.top_k >= 0 &&
+                             options.top_p > 0.0f && options.top_p <= 1.0f,
+                tensorflow::errors::InvalidArgument(
+                    "temperature must be > 0, top_k >= 0 and top_p in (0, 1]"));
     Tensor* ids_tensor = Output(context, 0, TensorShape({rows}));
     if (ids_tensor == nullptr) return;
     int32_t* ids = ids_tensor->flat<int32_t>().data();
