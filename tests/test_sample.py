@@ -273,18 +273,28 @@ def test_native_draws_follow_the_filtered_distribution(model, vocab, options):
     assert (frequencies[expected == 0] == 0).all()  # a cut character is never drawn
 
 
+# 37 ids: the draw's blocks of 16, two whole and one partial of 5.
+MULTI_BLOCK_VOCAB = "abcdefghijklmnopqrstuvwxyz0123456789 "
+
+
+def multi_block_gru(precision, seed):
+    """(vocab, model): a 1x16 GRU over MULTI_BLOCK_VOCAB, skipping where the precision's native
+    generation does not run."""
+    native_loop_or_skip()
+    if precision == "bfloat16":
+        bfloat16_generation_or_skip()
+    vocab = Vocab(MULTI_BLOCK_VOCAB)
+    return vocab, tiny_model(vocab, ModelConfig(cell="gru", num_layers=1, hidden_size=16,
+                                                embedding_size=8, kernel="keras"), seed=seed)
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_native_draws_over_several_blocks_of_ids_follow_the_distribution(precision):
     """A vocabulary of 37 (the draw sums weights in blocks of 16: two whole, one partial of 5)
     and logits rising across the ids (most of the weight in the last blocks), the 7 smallest cut
     (top-k 30): the frequencies of 20000 draws are the filtered softmax within 4.5 standard
     deviations each, and the cut ids are never drawn."""
-    native_loop_or_skip()
-    if precision == "bfloat16":
-        bfloat16_generation_or_skip()
-    vocab = Vocab("abcdefghijklmnopqrstuvwxyz0123456789 ")
-    model = tiny_model(vocab, ModelConfig(cell="gru", num_layers=1, hidden_size=16,
-                                          embedding_size=8, kernel="keras"), seed=2)
+    vocab, model = multi_block_gru(precision, seed=2)
     model.head.bias.assign(np.linspace(-4.0, 2.0, len(vocab)))  # kept p: about 0.001 to 0.15
     rows, options = 20000, {"temperature": 1.0, "top_k": 30}
     states = tuple(tf.zeros([rows, 16]) for _ in range(model.num_states))
@@ -310,12 +320,7 @@ def test_native_draws_by_lanes_are_the_row_by_row_draws(precision, temperature, 
     ids (three blocks of 16), both give the same ids (a difference would feed back and spread).
     On two threads 52 rows make blocks of 26 (a group of 16, one of 10), 44 blocks of 22 (a
     group of 16, then 6 rows one by one)."""
-    native_loop_or_skip()
-    if precision == "bfloat16":
-        bfloat16_generation_or_skip()
-    vocab = Vocab("abcdefghijklmnopqrstuvwxyz0123456789 ")
-    model = tiny_model(vocab, ModelConfig(cell="gru", num_layers=1, hidden_size=16,
-                                          embedding_size=8, kernel="keras"), seed=5)
+    vocab, model = multi_block_gru(precision, seed=5)
     model.head.bias.assign(np.random.default_rng(0).normal(0.0, 1.5, len(vocab)))
     steps = 100
     states = (tf.constant(np.random.default_rng(1).normal(0.0, 1.0, [rows, 16]), tf.float32),)
