@@ -1239,6 +1239,22 @@ void DrawLaneRows(const float* logits, int64_t stride, int64_t count, int64_t vo
   }
 }
 
+// ids[0, rows) for rows [0, rows) of logits (row stride `stride`) in groups of 16 rows
+// (DrawLaneRows; the last group may be shorter), uniform(r) each row's uniform number; sums and
+// weighted: DrawLaneRows's scratch.
+template <typename UniformOf>
+void DrawLaneGroups(const float* logits, int64_t stride, int64_t rows, int64_t vocab,
+                    float temperature, UniformOf uniform, __m512* sums, __mmask16* weighted,
+                    int32_t* ids) {
+  for (int64_t r = 0; r < rows; r += kLaneRows) {
+    const int64_t count = std::min(kLaneRows, rows - r);
+    float uniforms[kLaneRows];
+    for (int64_t i = 0; i < count; ++i) uniforms[i] = uniform(r + i);
+    DrawLaneRows(logits + r * stride, stride, count, vocab, temperature, uniforms, sums,
+                 weighted, ids + r);
+  }
+}
+
 #endif  // __AVX512F__
 
 // ---------------------------------------------------------------------------------------------
@@ -1473,19 +1489,12 @@ class Draws {
   // ids[0, rows) = the draws of step t from logits [rows, V] (row stride `stride`) of the rows
   // from `row` on.
   void Step(const float* logits, int64_t stride, int64_t row, int64_t t, int32_t* ids) {
-    int64_t r = 0;
 #if defined(__AVX512F__)
-    for (; r < lane_rows_; r += kLaneRows) {
-      const int64_t count = std::min(kLaneRows, lane_rows_ - r);
-      float uniforms[kLaneRows];
-      for (int64_t i = 0; i < count; ++i) {
-        uniforms[i] = Uniform(g_.seed, g_.position + t, row + r + i);
-      }
-      DrawLaneRows(logits + r * stride, stride, count, g_.vocab, g_.options.temperature, uniforms,
-                   sums_.data(), weighted_.data(), ids + r);
-    }
+    DrawLaneGroups(logits, stride, lane_rows_, g_.vocab, g_.options.temperature,
+                   [&](int64_t i) { return Uniform(g_.seed, g_.position + t, row + i); },
+                   sums_.data(), weighted_.data(), ids);
 #endif
-    for (; r < rows_; ++r) {
+    for (int64_t r = lane_rows_; r < rows_; ++r) {  // lane_rows_ is 0 without AVX-512
       ids[r] = DrawRow(logits + r * stride, g_.vocab, g_.options,
                        Uniform(g_.seed, g_.position + t, row + r), scaled_.data(),
                        ordered_.data());
@@ -1856,10 +1865,8 @@ class DrawOp : public OpKernel {
                   tensorflow::errors::InvalidArgument("lanes draw without top-k or top-p"));
       std::vector<__m512> sums(RoundUp(vocab, 16));
       std::vector<__mmask16> weighted(RoundUp(vocab, 16));
-      for (int64_t r = 0; r < rows; r += kLaneRows) {
-        DrawLaneRows(in + r * vocab, vocab, std::min(kLaneRows, rows - r), vocab,
-                     options.temperature, u + r, sums.data(), weighted.data(), ids + r);
-      }
+      DrawLaneGroups(in, vocab, rows, vocab, options.temperature,
+                     [&](int64_t r) { return u[r]; }, sums.data(), weighted.data(), ids);
 #else
       context->SetStatus(tensorflow::errors::Unimplemented("built without AVX-512"));
 #endif
