@@ -18,7 +18,7 @@ The Generator owns the path from a prime to text:
           also prepares the weights and crosses into TensorFlow, about 1 ms. Lecture model, two
           CPU cores: one stream ~140k characters/s, 64 streams ~600k. precision="bfloat16"
           (where AMX runs) does the products on AMX tiles, weights and each new h rounded to
-          bfloat16: one stream ~160k, 64 streams ~2.3M (3.7x float32 for one stream of
+          bfloat16: one stream ~160k, 64 streams ~2.6M (4x float32 for one stream of
           2x256 units, whose bfloat16 weights fit the core's L2 cache).
   xla     a `tf.function` holding a `tf.while_loop`, compiled with XLA: the loop the exported
           SavedModel (tf_charrnn.export) runs and the fallback without the native library; one
