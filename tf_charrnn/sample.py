@@ -654,8 +654,8 @@ def build_parser():
                              "text depends on the loop; xla gives the exported SavedModel's")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="of the native loop's products: float32 (the default) or bfloat16 "
-                             "(AMX tiles, on Intel Xeons of the 4th generation on: 1.7x-5.5x "
-                             "float32's characters/s for 64 streams, 1.1x-3.7x for one; cell "
+                             "(AMX tiles, on Intel Xeons of the 4th generation on: 2.2x-6.7x "
+                             "float32's characters/s for 64 streams, 1.1x-4.0x for one; cell "
                              "math and draw stay float32)")
     parser.add_argument("--unknown", choices=UNKNOWN_CHOICES, default="error",
                         help="prime characters not in the vocabulary: fail listing them "
