@@ -110,6 +110,12 @@ ROWS = [
      "config file ROOT/missing.yaml not found"),
     (TRAIN, [*CORPUS, "--config", "ROOT/bad.yaml"], 2, "is not valid YAML"),
     (TRAIN, [*CORPUS, "--config", "ROOT/list.yaml"], 2, "must be a mapping"),
+    (TRAIN, [*CORPUS, "--encoding", "klingon"], 2,
+     "data.encoding must be a codec Python knows (e.g. utf-8, cp949, latin-1), got 'klingon'"),
+    (TRAIN, [*CORPUS, "--seed", "-1"], 2, "train.seed must be in [0, 2**32), got -1"),
+    (TRAIN, [*CORPUS, "--seed", str(2 ** 32)], 2, "train.seed must be in [0, 2**32)"),
+    # A UTF-8 locale keeps argv bytes that are not UTF-8 (EUC-KR, here) as lone surrogates.
+    (TRAIN, ["--corpus", "\udcbf\udcbe.txt"], 2, "--corpus is not UTF-8 text"),
     # train: runtime errors (1)
     (TRAIN, ["--corpus", "ROOT/no/such.txt", "--runs-dir", "ROOT/runs", *SMALL], 1,
      "ROOT/no/such.txt does not exist"),
@@ -118,8 +124,6 @@ ROWS = [
      "is too short"),
     (TRAIN, ["--corpus", "ROOT/binary.bin", "--runs-dir", "ROOT/runs", *SMALL], 1,
      "looks binary"),
-    (TRAIN, ["--corpus", "ROOT/latin1.txt", "--runs-dir", "ROOT/runs", "--encoding", "klingon",
-             *SMALL], 1, "unknown encoding 'klingon'"),
     (TRAIN, ["--corpus", "ROOT/latin1.txt", "--runs-dir", "ROOT/runs", "--encoding", "utf-8",
              *SMALL], 1, "cannot decode"),
     (TRAIN, ["--corpus", "ROOT/corpus/input.txt", "--runs-dir", "ROOT/a_file", "--run", "x",
@@ -146,6 +150,8 @@ ROWS = [
     (SAMPLE, ["--run", "ROOT/runs/good", "--checkpoint", "ROOT/runs/good/checkpoints/ckpt-2"], 2,
      "not allowed with argument --run"),
     (SAMPLE, ["--bogus"], 2, "unrecognized arguments: --bogus"),
+    (SAMPLE, ["--run", "ROOT/runs/good", "--prime", "\udcbf\udcbe\udcb3\udcaf"], 2,
+     "--prime is not UTF-8 text ('\\udcbf\\udcbe\\udcb3\\udcaf'): give it in UTF-8"),
     # sample: runtime errors (1)
     (SAMPLE, ["--run", "ROOT/runs/missing"], 1, "run directory ROOT/runs/missing not found"),
     (SAMPLE, ["--run", "ROOT/runs/untrained"], 1, "ROOT/runs/untrained is not a run directory"),
@@ -159,6 +165,8 @@ ROWS = [
     (EXPORT, ["--out"], 2, "argument --out: expected one argument"),
     (EXPORT, ["--run", "ROOT/runs/good", "--out", "ROOT/x", "--frobnicate"], 2,
      "unrecognized arguments: --frobnicate"),
+    (EXPORT, ["--run", "ROOT/runs/good", "--out", "ROOT/ex\udcff"], 2,
+     "--out is not UTF-8 text"),
     # export: runtime errors (1)
     (EXPORT, ["--run", "ROOT/runs/missing", "--out", "ROOT/out-missing"], 1,
      "run directory ROOT/runs/missing not found"),
@@ -254,3 +262,34 @@ def test_a_failing_command_prints_nothing_but_its_error_line(finished):
     """TensorFlow's own start-up notices included (tf_charrnn.tfenv keeps them off stderr)."""
     for (module, *_), (_, err) in zip(PROCESS_ROWS, finished):
         assert len(err.strip().splitlines()) == 1, (module, err)
+
+
+# --- out of memory -------------------------------------------------------------------------------
+
+def test_running_out_of_memory_is_one_line_naming_the_allocation(capsys):
+    import tensorflow as tf
+
+    def exhausted(argv):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "Exception encountered when calling CharRNN.call().\n\n{{function_node "
+                        "x}} OOM when allocating tensor with shape[400000,100000] and type float "
+                        "on /job:localhost/replica:0/task:0/device:CPU:0 by allocator mklcpu")
+
+    def numpy_exhausted(argv):
+        raise MemoryError
+
+    assert run_cli(exhausted, []) == 1
+    check_one_line(capsys.readouterr().err, 1, 1, "out of memory (OOM when allocating tensor "
+                                                  "with shape[400000,100000]): use a smaller")
+    assert run_cli(numpy_exhausted, []) == 1
+    check_one_line(capsys.readouterr().err, 1, 1, "out of memory: use a smaller model")
+    with pytest.raises(MemoryError):
+        run_cli(numpy_exhausted, ["--debug"])
+
+
+def test_other_exceptions_keep_their_traceback():
+    def broken(argv):
+        raise ZeroDivisionError("a bug, not the user's mistake")
+
+    with pytest.raises(ZeroDivisionError):
+        run_cli(broken, [])

@@ -1,6 +1,7 @@
 """The model factory against references: min-char-rnn in numpy (float64), naive LSTM/GRU loops,
 finite differences, carried state, init loss, config round trip and bad configs."""
 
+import dataclasses
 import math
 
 import keras
@@ -12,8 +13,8 @@ from conftest import keras_dtype
 from numpy_reference import gru_cell, lstm_cell, rnn_cell
 from tf_charrnn.config import ModelConfig, config_from_dict
 from tf_charrnn.errors import CharRNNError, UsageError
-from tf_charrnn.models import (CharRNN, build_model, export_min_char_rnn, import_min_char_rnn,
-                               resolve_kernel)
+from tf_charrnn.models import (CharRNN, build_model, count_parameters, export_min_char_rnn,
+                               import_min_char_rnn, parameter_count, resolve_kernel)
 
 KERNELS = ["keras", "fused"]
 
@@ -386,6 +387,17 @@ def test_summary_line_names_cell_sizes_and_parameter_count():
     assert "gru 2x8" in line and "embedding 4" in line and "keras kernel" in line
     count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert f"{count:,} parameters" in line
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("layers, one_hot", [(1, True), (3, False)])
+def test_parameter_count_from_the_config_equals_the_built_models(cell, layers, one_hot):
+    """What train's memory check counts before building equals what build_model creates."""
+    config = ModelConfig(cell=cell, num_layers=layers, hidden_size=9, one_hot=one_hot,
+                         embedding_size=0 if one_hot else 5)
+    for kernel in KERNELS:
+        model = build_model(dataclasses.replace(config, kernel=kernel), 11)
+        assert parameter_count(config, 11) == count_parameters(model) > 0
 
 
 def test_summary_line_says_which_loops_the_fused_kernel_runs():

@@ -482,6 +482,75 @@ def test_resuming_with_the_edited_config_itself_still_refuses_the_checkpoint(tra
         train(edited, run_name="r", log=lambda *a, **k: None)
 
 
+def test_a_hand_edited_config_is_one_line_on_stderr_in_a_real_process(trained):
+    """The failed checkpoint read leaves values unrestored, which TensorFlow warns about as the
+    process ends; the user must see only the error line."""
+    _, run_path = trained
+    edit_config(run_path, "model", "hidden_size", 16)
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "tf_charrnn.sample", "--run", str(run_path),
+                           "-n", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    assert one_line(done.stderr).startswith(f"error: checkpoint {run_path}/checkpoints/ckpt-8 "
+                                            f"does not fit the model")
+
+
+# --- resuming from the command line --------------------------------------------------------------
+
+def run_files(run_path):
+    """{name: bytes} of everything in a run directory but its lock."""
+    return {str(path.relative_to(run_path)): path.read_bytes()
+            for path in sorted(run_path.rglob("*")) if path.is_file() and path.name != ".lock"}
+
+
+@pytest.mark.parametrize("how", [["--run", "r"], ["--resume"]])
+def test_the_run_name_alone_resumes_the_run_with_its_own_settings(trained, how, capsys):
+    """`--run NAME` (or `--resume`) without the flags the run was started with: config.yaml is
+    the base, not the defaults (which would name another corpus, batch and model)."""
+    _, run_path = trained
+    saved = yaml.safe_load((run_path / "config.yaml").read_text())
+    code = run_cli(train_main, ["--runs-dir", str(run_path.parent), *how, "--max-steps", "12"])
+    assert code == 0, capsys.readouterr().err
+    assert f"resumed {run_path} from" in capsys.readouterr().out
+    assert Run(run_path).newest_checkpoint().step == 12
+    now = yaml.safe_load((run_path / "config.yaml").read_text())
+    # The one setting given, and where the run lies now (a copy of the trained one); nothing else.
+    saved["train"].update(max_steps=12, runs_dir=str(run_path.parent))
+    assert now == saved
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer", "sgd"], "train.optimizer differs (run has adam, asked for sgd; its state is "
+                             "in the checkpoint)"),
+    (["--precision", "mixed_float16"], "model.precision differs (run has float32, asked for "
+                                       "mixed_float16; mixed_float16's loss scale is in the "
+                                       "checkpoint)"),
+    (["--batch-size", "5"], "data.batch_size differs (run has 4, asked for 5)"),
+])
+def test_a_resume_that_changes_the_checkpointed_state_is_refused_writing_nothing(
+        trained, flags, message, capsys):
+    """Another optimiser would start from empty slots (or fail to restore after config.yaml was
+    rewritten), so the run would no longer resume as it was: refused before anything is written."""
+    _, run_path = trained
+    before = run_files(run_path)
+    code = run_cli(train_main, ["--runs-dir", str(run_path.parent), "--run", "r",
+                                "--max-steps", "12", *flags])
+    assert code == 1
+    line = one_line(capsys.readouterr().err)
+    assert line == (f"error: cannot resume {run_path}: {message}; resume with the run's own "
+                    f"settings, or start a new --run")
+    assert run_files(run_path) == before
+
+
+def test_a_new_run_that_fails_before_its_first_file_leaves_no_directory(trained, capsys):
+    config, run_path = trained
+    runs = run_path.parent
+    code = run_cli(train_main, ["--corpus", config.data.corpus, "--runs-dir", str(runs),
+                                "--resume", "--run", "typo"])
+    assert code == 1 and "has no checkpoint to resume from" in capsys.readouterr().err
+    assert sorted(path.name for path in runs.iterdir()) == ["r"]
+
+
 def test_a_kill_while_config_yaml_is_rewritten_cannot_spoil_the_run(trained, monkeypatch):
     """Resuming rewrites config.yaml; a kill in the middle of that write must not leave a
     truncated file behind (it is written atomically, like vocab.json and the manifests)."""

@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 
 import keras
 import numpy as np
@@ -690,3 +691,28 @@ def test_a_mixed_precision_run_samples_with_its_weights_in_float32(tmp_path, voc
     text = generator.generate("ab", 20, seed=1)
     assert len(text) == 22 and text.startswith("ab")
 
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+def test_a_batch_of_samples_too_large_for_memory_is_refused_before_allocating(model, vocab,
+                                                                              monkeypatch):
+    from tf_charrnn import sample as sample_module
+
+    generator = Generator(model, vocab, chunk_length=16, loops="xla")
+    monkeypatch.setattr(sample_module, "available_memory_bytes", lambda: 2 ** 20)  # 1 MiB
+    allocations = []
+    monkeypatch.setattr(generator, "prime_states", lambda *a: allocations.append(a))
+    with pytest.raises(CharRNNError, match=r"^100,000 samples of 5 characters need about "
+                                           r"[\d.]+ GiB, more than the 0.0 GiB of memory "
+                                           r"available: ask for at most ([\d,]+) samples") as caught:
+        generator.generate("ab", 5, seed=1, num_samples=100_000)
+    assert not allocations, "nothing is allocated before the check"
+    most = int(re.search(r"at most ([\d,]+) samples", str(caught.value)).group(1).replace(",", ""))
+    assert 1 <= most < 100_000
+    monkeypatch.undo()
+    assert len(generator.generate("ab", 5, seed=1, num_samples=most)) == most  # and it fits
+    # A stream hands its text on a chunk at a time: any length fits (the benchmark's is 2**31-1).
+    pieces = generator.stream("ab", 2 ** 31 - 1, seed=1, num_samples=64)
+    assert next(pieces) == ["ab"] * 64
+    pieces.close()

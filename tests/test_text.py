@@ -154,8 +154,29 @@ def test_unknown_encoding_name_is_a_clear_error():
 def test_undecodable_bytes_say_binary_or_unknown_encoding(monkeypatch):
     # Pretend the detector's only guess does not hold up under a strict decode.
     monkeypatch.setattr(text_module, "_detected_candidates", lambda raw: ["utf-8", "ascii"])
-    with pytest.raises(CharRNNError, match="blob is binary or in an unknown encoding: .*--enc"):
+    with pytest.raises(CharRNNError, match=r"blob is binary or in an unknown encoding \(byte "
+                                           r"0xff at offset 0 is not UTF-8\): .*--enc"):
         decode_bytes(b"\xff\xfe\xfd", name="blob")
+
+
+def test_a_stray_byte_in_utf8_text_is_an_error_naming_its_offset():
+    raw = "naïve café, all UTF-8\n".encode("utf-8") * 20 + b"\xff" + b"and more text\n" * 20
+    offset = raw.index(b"\xff")
+    with pytest.raises(CharRNNError, match=rf"stray.txt is UTF-8 with 1 bad byte \(byte 0xff at "
+                                           rf"offset {offset} is not UTF-8\): repair the file"):
+        decode_bytes(raw, name="stray.txt")  # not read as iso8859-10, every ï turned into Ã¯
+
+
+def test_latin1_french_is_read_as_cp1252_not_a_central_european_codepage():
+    """The detector scores cp1250 and cp1252 alike for this text and lists cp1250 first; cp1250
+    would read à, è, ï as ŕ, č, ď."""
+    french = "Le café était très agréable, où ça? Noël à Zürich, naïve façade.\n" * 60
+    assert decode_bytes(french.encode("latin-1")) == (french, "cp1252")
+
+
+def test_cp1250_czech_is_still_read_as_cp1250():
+    czech = "Příliš žluťoučký kůň úpěl ďábelské ódy. Řeřicha roste, když prší.\n" * 60
+    assert decode_bytes(czech.encode("cp1250")) == (czech, "cp1250")
 
 
 def test_decoding_never_drops_or_replaces_bytes():

@@ -129,9 +129,38 @@ def test_resume_with_a_different_corpus_is_refused(tiny_corpus, tmp_path):
         train(tiny_config(other, tmp_path / "runs", ("train", "max_steps", 4)), run_name="c")
 
 
+def test_a_model_too_large_for_memory_is_refused_before_anything_is_built(tiny_corpus, tmp_path,
+                                                                          monkeypatch):
+    from tf_charrnn import memory
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: 10 ** 6)
+    with pytest.raises(CharRNNError, match=r"the model \([\d,]+ parameters\) and a batch need "
+                                           r"about [\d.]+ GiB, more than the 0.0 GiB of memory "
+                                           r"available: use a smaller --hidden-size"):
+        train(tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 2),
+                          ("model", "hidden_size", 512)), run_name="big")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_memory_estimate_counts_each_optimizers_slots_as_keras_makes_them():
+    import keras
+
+    from tf_charrnn.config import OPTIMIZER_CHOICES
+    from tf_charrnn.train import OPTIMIZER_SLOTS, make_optimizer
+
+    assert set(OPTIMIZER_SLOTS) == set(OPTIMIZER_CHOICES)
+    weights = [keras.Variable(np.zeros((3, 5), np.float32)), keras.Variable(np.zeros(7, np.float32))]
+    for name, slots in OPTIMIZER_SLOTS.items():
+        optimizer = make_optimizer(TrainConfig(optimizer=name), 0.1)
+        optimizer.build(weights)
+        per_weight = [v for v in optimizer.variables if tuple(v.shape) in ((3, 5), (7,))]
+        assert len(per_weight) == slots * len(weights), name
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path):
     runs = tmp_path / "runs"
-    train(tiny_config(tiny_corpus, runs, ("train", "max_steps", 4)), run_name="n")
+    train(tiny_config(tiny_corpus, runs, ("train", "max_steps", 4), ("train", "optimizer", "sgd")),
+          run_name="n")
     exploding = [("train", "max_steps", 30), ("train", "optimizer", "sgd"),
                  ("train", "learning_rate", 1e38), ("train", "clip", "none"),
                  ("train", "schedule", "constant")]

@@ -5,16 +5,42 @@ Exit codes: 0 success, 1 runtime error (CharRNNError), 2 usage error (UsageError
 """
 
 import argparse
+import logging
+import re
 import sys
 
 from tf_charrnn.errors import CharRNNError, UsageError
 
 
+def _is_utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, kept by Python as lone surrogates
+        return False
+    return True
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line raised as UsageError, not a usage dump."""
+    """An ArgumentParser whose errors are one line raised as UsageError, not a usage dump.
+
+    A value that is not UTF-8 (a terminal in EUC-KR or Latin-1 under a UTF-8 locale) is refused
+    here, naming its flag, rather than failing deep inside TensorFlow or the vocabulary.
+    """
 
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        flags = {action.dest: (action.option_strings or [action.dest])[-1]
+                 for action in self._actions}
+        for dest, value in vars(parsed).items():
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str) and not _is_utf8(text):
+                    raise UsageError(f"{flags.get(dest, dest)} is not UTF-8 text ({ascii(text)}): "
+                                     f"give it in UTF-8 (set the terminal to UTF-8, or convert "
+                                     f"it with iconv -t utf-8)")
+        return parsed
 
 
 def add_debug_flag(parser):
@@ -33,6 +59,17 @@ def add_run_arguments(parser):
                         help="where to look for the most recent run (default: runs)")
 
 
+_MEMORY_HINT = "use a smaller model or batch, or fewer --num-samples"
+
+
+def _report(message, exit_code):
+    """The one line on stderr; TensorFlow's warnings as the process ends (e.g. about values a
+    failed checkpoint read left unrestored) would only bury it."""
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    print(f"error: {message}", file=sys.stderr)
+    return exit_code
+
+
 def run_cli(main, argv=None):
     """Call main(argv); map user errors to one line on stderr and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -42,8 +79,18 @@ def run_cli(main, argv=None):
     except CharRNNError as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return _report(str(error), error.exit_code)
+    except MemoryError:
+        if debug:
+            raise
+        return _report(f"out of memory: {_MEMORY_HINT}", 1)
+    except Exception as error:  # noqa: BLE001 - TensorFlow's out-of-memory error, else re-raised
+        tf = sys.modules.get("tensorflow")
+        if debug or tf is None or not isinstance(error, tf.errors.ResourceExhaustedError):
+            raise
+        found = re.search(r"OOM when allocating tensor with shape\[[\d,]*\]", str(error))
+        detail = found.group(0) if found else (str(error).strip().splitlines() or ["?"])[0]
+        return _report(f"out of memory ({detail[:160]}): {_MEMORY_HINT}", 1)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -5,6 +5,7 @@ field and the keyword argument are the same word. Unknown keys and wrong types f
 Named options are validated here, in one place, against the `*_CHOICES` tuples.
 """
 
+import codecs
 import dataclasses
 import typing
 from pathlib import Path
@@ -216,6 +217,14 @@ def apply_overrides(config, overrides):
     return config_from_dict(values)
 
 
+def _is_codec(name):
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
 def _require(condition, key, message):
     if not condition:
         raise UsageError(f"{key} {message}")
@@ -233,6 +242,8 @@ def validate(config):
     _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction",
              f"must be in [0, 1), got {data.val_fraction}")
     _require(data.max_bytes is None or data.max_bytes > 0, "data.max_bytes", "must be positive")
+    _require(data.encoding is None or _is_codec(data.encoding), "data.encoding",
+             f"must be a codec Python knows (e.g. utf-8, cp949, latin-1), got '{data.encoding}'")
     _require_choice("model.cell", model.cell, CELL_CHOICES)
     _require(model.num_layers > 0, "model.num_layers", f"must be positive, got {model.num_layers}")
     _require(model.hidden_size > 0, "model.hidden_size",
@@ -271,6 +282,7 @@ def validate(config):
         value = getattr(train, key)
         _require(value > 0, f"train.{key}", f"must be positive, got {value}")
     _require(0.0 <= train.loss_smoothing < 1.0, "train.loss_smoothing", "must be in [0, 1)")
+    _require(0 <= train.seed < 2 ** 32, "train.seed", f"must be in [0, 2**32), got {train.seed}")
     _require_choice("train.strategy", train.strategy, STRATEGY_CHOICES)
     _require(sample.length >= 0, "sample.length", f"must be >= 0, got {sample.length}")
     _require(sample.temperature > 0, "sample.temperature",

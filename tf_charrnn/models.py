@@ -167,6 +167,23 @@ def count_parameters(model):
     return int(sum(np.prod(variable.shape) for variable in model.trainable_variables))
 
 
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def parameter_count(model_config: ModelConfig, vocab_size):
+    """The number of weights build_model(model_config, vocab_size) creates, without building it:
+    Keras's layouts (kernel [I, gH], recurrent_kernel [H, gH], bias [gH]; the GRU's bias is
+    [2, 3H] with reset_after) plus the embedding and the head."""
+    hidden, gates = model_config.hidden_size, GATES[model_config.cell]
+    bias_rows = 2 if model_config.cell == "gru" else 1
+    count = 0 if model_config.one_hot else vocab_size * model_config.embedding_size
+    inputs = vocab_size if model_config.one_hot else model_config.embedding_size
+    for _ in range(model_config.num_layers):
+        count += gates * hidden * (inputs + hidden + bias_rows)
+        inputs = hidden
+    return count + hidden * vocab_size + vocab_size
+
+
 def build_model(model_config: ModelConfig, vocab_size):
     """A built CharRNN (all variables created) for model_config and vocab_size."""
     if vocab_size < 1:

@@ -267,6 +267,14 @@ def describe_mismatch(saved: Config, wanted: Config, saved_vocab, vocab, saved_c
         if getattr(saved.data, key) != getattr(wanted.data, key):
             return (f"data.{key} differs (run has {getattr(saved.data, key)}, asked for "
                     f"{getattr(wanted.data, key)})")
+    # The optimiser's slots are in the checkpoint, and so is mixed_float16's loss scale: another
+    # optimiser would start from nothing (or fail to restore), so a change is refused up front.
+    if saved.train.optimizer != wanted.train.optimizer:
+        return (f"train.optimizer differs (run has {saved.train.optimizer}, asked for "
+                f"{wanted.train.optimizer}; its state is in the checkpoint)")
+    if (saved.model.precision == "mixed_float16") != (wanted.model.precision == "mixed_float16"):
+        return (f"model.precision differs (run has {saved.model.precision}, asked for "
+                f"{wanted.model.precision}; mixed_float16's loss scale is in the checkpoint)")
     return None
 
 

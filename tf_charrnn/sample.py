@@ -52,6 +52,7 @@ import tensorflow as tf
 from tf_charrnn.cli import ArgumentParser, add_debug_flag, add_run_arguments, run_cli
 from tf_charrnn.config import SampleConfig
 from tf_charrnn.errors import CharRNNError, UsageError
+from tf_charrnn.memory import available_memory_bytes, check_fits
 from tf_charrnn.text import HANGUL_ESCAPE, compose_hangul, decompose_hangul
 
 CHUNK_LENGTH = 256  # characters per call of a compiled (XLA or plain) loop
@@ -477,12 +478,29 @@ class Generator:
                                "vocabulary (or leave --prime out for the most frequent one)")
         return units, self.vocab.encode(units).astype(np.int32)
 
+    def _check_memory(self, rows, prime_length, length, keeps_text):
+        """Refuse, before allocating anything, a batch that cannot fit in the memory available
+        (else it grows until the system kills it). keeps_text: the whole text is held (generate),
+        not handed on a chunk at a time (stream)."""
+        state_bytes = 4 * self.model.num_states * self.model.hidden_size
+        # Per row: a chunk's ids (the op's output and its NumPy copy), the states (in, out, the
+        # prime pass's), the prime pass's activations (about four states' worth a character),
+        # the text kept (up to 4 bytes a character, and its pieces before they are joined).
+        kept = prime_length + (length if keeps_text else self.chunk_length)
+        per_row = (8 * self.chunk_length + 4 * state_bytes + 4 * state_bytes * prime_length
+                   + 8 * kept + 256)
+        available = available_memory_bytes()
+        check_fits(rows * per_row, f"{rows:,} samples of {length:,} characters",
+                   f"ask for at most {max((available or 0) // per_row, 1):,} samples "
+                   f"(--num-samples) or a shorter prime", available)
+
     def _rows(self, prime, length, temperature, top_k, top_p, argmax, seed, num_samples, stop,
-              unknown):
-        """Check the options and encode the prime now; return an iterator over the stream: one
-        list of num_samples text pieces for the prime, then one per chunk."""
+              unknown, keeps_text):
+        """Check the options, the memory and the prime now; return an iterator over the stream:
+        one list of num_samples text pieces for the prime, then one per chunk."""
         check_sampling_options(length, temperature, top_k, top_p, num_samples, stop, unknown)
         units, prime_ids = self.encode_prime(prime, unknown)
+        self._check_memory(num_samples, len(prime_ids), length, keeps_text)
         if seed is None:
             seed = random.SystemRandom().randrange(SEED_MODULUS)
         if stop is not None and self.hangul_jamo:
@@ -536,7 +554,7 @@ class Generator:
         result. See generate for the options.
         """
         rows = self._rows(prime, length, temperature, top_k, top_p, argmax, seed, num_samples,
-                          stop, unknown)
+                          stop, unknown, keeps_text=False)
         if num_samples > 1:
             return rows
         return (pieces[0] for pieces in rows if pieces[0])
@@ -556,7 +574,7 @@ class Generator:
         """
         pieces = [[] for _ in range(num_samples)]
         for row_pieces in self._rows(prime, length, temperature, top_k, top_p, argmax, seed,
-                                     num_samples, stop, unknown):
+                                     num_samples, stop, unknown, keeps_text=True):
             for row, piece in zip(pieces, row_pieces):
                 row.append(piece)
         texts = ["".join(row) for row in pieces]

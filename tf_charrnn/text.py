@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from charset_normalizer import from_bytes
 
-from tf_charrnn.errors import CharRNNError
+from tf_charrnn.errors import CharRNNError, UsageError
 
 # Byte-order marks, longest first: the UTF-32-LE mark starts with the UTF-16-LE one.
 _BOMS = (
@@ -72,7 +72,7 @@ def _strict_decode(raw, encoding, name):
     try:
         codec = _codec_name(encoding)
     except LookupError:
-        raise CharRNNError(
+        raise UsageError(
             f"unknown encoding {encoding!r} for {name}: "
             f"give a codec Python knows ({_ENCODING_HINT})"
         ) from None
@@ -96,11 +96,33 @@ def _detected_candidates(raw):
         if _EUC_KR_FILLER in raw:
             candidates.append("euc_kr")
         candidates.append("cp949")
-    equivalents = best.could_be_from_charset
+    # The detector often scores several single-byte codecs alike (a French Latin-1 file: cp1250
+    # and cp1252 tie, and cp1250 is listed first); among equal guesses the commonest one wins.
+    equivalents = {name for match in matches
+                   if (match.chaos, match.coherence) == (best.chaos, best.coherence)
+                   for name in match.could_be_from_charset}
     candidates += [name for name in _PREFERRED_EQUIVALENTS if name in equivalents]
     candidates.append(best.encoding)
     candidates += [match.encoding for match in matches]
     return list(dict.fromkeys(candidates))
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _refuse_damaged_utf8(raw, name, first_bad):
+    """UTF-8 text with a few bad bytes (a cut or a bit flip) is not in some other encoding: a
+    single-byte codec would read every accented letter in it as two wrong ones. Such a file has
+    more well-formed multi-byte UTF-8 characters than bad bytes, which a file really in a legacy
+    encoding never has (its accented letters and Hangul rarely form valid UTF-8 sequences)."""
+    text = raw.decode("utf-8", errors="surrogateescape")
+    bad = len(_ESCAPED_BYTE.findall(text))
+    bytes_saved = len(raw) - len(text)  # at least one per well-formed multi-byte character
+    if bytes_saved > bad:
+        raise CharRNNError(
+            f"{name} is UTF-8 with {bad:,} bad byte{'s' if bad > 1 else ''} ({first_bad}): "
+            f"repair the file, or pass --encoding if it is in another encoding ({_ENCODING_HINT})"
+        )
 
 
 def decode_bytes(raw: bytes, encoding: str | None = None, name: str = "input") -> tuple[str, str]:
@@ -129,16 +151,17 @@ def decode_bytes(raw: bytes, encoding: str | None = None, name: str = "input") -
         )
     try:
         return raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        pass
+    except UnicodeDecodeError as error:
+        not_utf8 = f"byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8"
+        _refuse_damaged_utf8(raw, name, not_utf8)
     for codec in _detected_candidates(raw):
         try:
             return raw.decode(codec), _codec_name(codec)
         except (UnicodeDecodeError, LookupError):
             continue
     raise CharRNNError(
-        f"{name} is binary or in an unknown encoding: if it is text, pass --encoding "
-        f"({_ENCODING_HINT})"
+        f"{name} is binary or in an unknown encoding ({not_utf8}): if it is text, pass "
+        f"--encoding ({_ENCODING_HINT})"
     )
 
 

@@ -2,9 +2,10 @@
 
 Shapes: K train steps per compiled call, B batch rows, T seq_length, V vocabulary, H hidden size.
 
-train(config) reads top to bottom: corpus -> TextLoader -> run directory (locked) -> model and
-optimiser under the distribution strategy's scope -> restore the newest good checkpoint -> loop.
-The loop feeds K batches at a time to one compiled call that runs K steps; the hidden state is
+train(config) reads top to bottom: corpus -> TextLoader -> will it fit in memory -> run directory
+(locked) -> model and optimiser under the distribution strategy's scope -> restore the newest good
+checkpoint -> loop. From the command line a resumed run's config.yaml is the base the flags
+change (config_from_args). The loop feeds K batches at a time to one compiled call that runs K steps; the hidden state is
 carried from batch to batch within an epoch (truncated BPTT over the loader's continuing rows) and
 reset at each epoch. The learning rate is a function of the step, and for the cosine and wsd
 schedules under a time budget (max_seconds) of the share of that budget spent. Checkpoints hold
@@ -14,6 +15,7 @@ the seed and the step, so a resumed run draws the same ones. TensorFlow is impor
 functions, so `--help` and argument errors answer without loading it.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -103,6 +105,21 @@ def make_optimizer(train_config, schedule, precision="float32"):
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+OPTIMIZER_SLOTS = {"adam": 2, "rmsprop": 1, "adagrad": 1, "sgd": 0}  # float32 per weight
+
+
+def training_memory_bytes(config: Config, vocab_size):
+    """About what a train step holds: the weights with their gradients, optimiser slots and one
+    more copy (the weight-gradient GEMMs' results), and a batch's activations for backprop."""
+    from tf_charrnn.models import GATES, parameter_count
+
+    model, data = config.model, config.data
+    weights = parameter_count(model, vocab_size) * (3 + OPTIMIZER_SLOTS[config.train.optimizer])
+    per_char = (model.num_layers * (GATES[model.cell] + 2) * model.hidden_size
+                + model.embedding_size + 3 * vocab_size)
+    return 4 * (weights + data.batch_size * data.seq_length * per_char)
 
 
 # --- distribution --------------------------------------------------------------------------------
@@ -452,7 +469,8 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
 
     from tf_charrnn.corpora import resolve_corpus
     from tf_charrnn.data import TextLoader
-    from tf_charrnn.models import build_model
+    from tf_charrnn.memory import check_fits
+    from tf_charrnn.models import build_model, parameter_count
     from tf_charrnn.runs import Run, RunLock, describe_mismatch, latest_run, restore_checkpoint
 
     data, train_config = config.data, config.train
@@ -467,11 +485,15 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
     corpus = {"path": str(input_path), "sha256": loader.sha256, "encoding": loader.encoding,
               "num_chars": int(len(loader.ids))}
 
+    check_fits(training_memory_bytes(config, len(vocab)),
+               f"the model ({parameter_count(config.model, len(vocab)):,} parameters) and a batch",
+               "use a smaller --hidden-size, --num-layers or --batch-size")
     if resume and run_name is None:
         run_path = latest_run(train_config.runs_dir)
     else:
         run_path = Path(train_config.runs_dir) / (run_name or default_run_name(data.corpus))
     run = Run(run_path)
+    created = chief and not run_path.exists()
     try:
         if chief:  # other workers only read the run (a shared runs_dir), never write it
             run_path.mkdir(parents=True, exist_ok=True)
@@ -492,8 +514,8 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
             mismatch = describe_mismatch(run.read_config(), config, saved_vocab, vocab,
                                          saved_corpus, corpus)
             if mismatch:
-                raise CharRNNError(f"cannot resume {run_path}: {mismatch}; start a new --run "
-                                   f"instead")
+                raise CharRNNError(f"cannot resume {run_path}: {mismatch}; resume with the "
+                                   f"run's own settings, or start a new --run")
         keras.utils.set_random_seed(train_config.seed)
         steps_per_epoch = loader.num_batches
         total_steps = train_config.max_steps or train_config.epochs * steps_per_epoch
@@ -527,10 +549,17 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
                      chief, total_steps, say, stop, show_progress)
         return loop.run()
     finally:
+        if created and not run.exists():
+            # A new run that failed before its first file (a mistyped --resume --run, a directory
+            # it cannot write, a model that fails to build) leaves no directory with only a lock.
+            lock.path.unlink(missing_ok=True)
         if stop_flag is None:
             stop.restore()
         if lock is not None:
             lock.release()
+        if created and not run.exists():
+            with contextlib.suppress(OSError):
+                run_path.rmdir()  # only when empty
 
 
 class _Loop:
@@ -819,7 +848,14 @@ def build_parser():
 
 
 def config_from_args(args):
-    """The recipe (--config, or configs/<corpus>.yaml, or defaults) with the flags applied."""
+    """The Config to train with: a base with the command line's flags and --set applied.
+
+    The base is the run's own config.yaml when --run (or --resume) names a run that has a
+    checkpoint, so `--run NAME` alone continues it as it was set up; else --config, or
+    configs/<corpus>.yaml, or the defaults. --config given with an existing run is the base
+    instead of config.yaml; either way a resumed run refuses a change to what its checkpoint
+    holds (see runs.describe_mismatch).
+    """
     corpus = getattr(args, "data.corpus")
     if args.config:
         config = load_config(args.config)
@@ -834,7 +870,25 @@ def config_from_args(args):
             overrides.append((section, field, value))
     if args.hangul_jamo:
         overrides.append(("data", "hangul_jamo", True))
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    if not args.config:
+        saved = saved_run_config(config.train.runs_dir, args.run, args.resume)
+        if saved is not None:  # where the run lies now, whatever runs_dir it was trained under
+            config = apply_overrides(saved, overrides + [("train", "runs_dir",
+                                                          config.train.runs_dir)])
+    return config
+
+
+def saved_run_config(runs_dir, run_name, resume):
+    """config.yaml of the run that --run/--resume names, when it has a checkpoint; else None."""
+    from tf_charrnn.runs import Run, latest_run
+
+    if run_name is None and not resume:
+        return None
+    run = Run(Path(runs_dir) / run_name if run_name is not None else latest_run(runs_dir))
+    if not (run.exists() and run.has_checkpoint()):
+        return None
+    return run.read_config()
 
 
 def main(argv=None):
