@@ -111,7 +111,10 @@ ROWS = [
     (TRAIN, [*CORPUS, "--config", "ROOT/bad.yaml"], 2, "is not valid YAML"),
     (TRAIN, [*CORPUS, "--config", "ROOT/list.yaml"], 2, "must be a mapping"),
     (TRAIN, [*CORPUS, "--encoding", "klingon"], 2,
-     "data.encoding must be a codec Python knows (e.g. utf-8, cp949, latin-1), got 'klingon'"),
+     "data.encoding must be a text encoding Python knows (e.g. utf-8, cp949, latin-1), got "
+     "'klingon'"),
+    (TRAIN, [*CORPUS, "--encoding", "base64"], 2,  # a codec, but bytes to bytes
+     "data.encoding must be a text encoding Python knows"),
     (TRAIN, [*CORPUS, "--seed", "-1"], 2, "train.seed must be in [0, 2**32), got -1"),
     (TRAIN, [*CORPUS, "--seed", str(2 ** 32)], 2, "train.seed must be in [0, 2**32)"),
     # A UTF-8 locale keeps argv bytes that are not UTF-8 (EUC-KR, here) as lone surrogates.

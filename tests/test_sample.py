@@ -692,7 +692,6 @@ def test_a_mixed_precision_run_samples_with_its_weights_in_float32(tmp_path, voc
     assert len(text) == 22 and text.startswith("ab")
 
 
-
 # --- memory --------------------------------------------------------------------------------------
 
 def test_a_batch_of_samples_too_large_for_memory_is_refused_before_allocating(model, vocab,
@@ -703,9 +702,9 @@ def test_a_batch_of_samples_too_large_for_memory_is_refused_before_allocating(mo
     monkeypatch.setattr(sample_module, "available_memory_bytes", lambda: 2 ** 20)  # 1 MiB
     allocations = []
     monkeypatch.setattr(generator, "prime_states", lambda *a: allocations.append(a))
-    with pytest.raises(CharRNNError, match=r"^100,000 samples of 5 characters need about "
-                                           r"[\d.]+ GiB, more than the 0.0 GiB of memory "
-                                           r"available: ask for at most ([\d,]+) samples") as caught:
+    expected = (r"^100,000 samples of 5 characters need about [\d.]+ GiB, more than the 0.0 GiB "
+                r"of memory available: ask for at most ([\d,]+) samples")
+    with pytest.raises(CharRNNError, match=expected) as caught:
         generator.generate("ab", 5, seed=1, num_samples=100_000)
     assert not allocations, "nothing is allocated before the check"
     most = int(re.search(r"at most ([\d,]+) samples", str(caught.value)).group(1).replace(",", ""))

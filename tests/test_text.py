@@ -153,7 +153,8 @@ def test_unknown_encoding_name_is_a_clear_error():
 
 def test_undecodable_bytes_say_binary_or_unknown_encoding(monkeypatch):
     # Pretend the detector's only guess does not hold up under a strict decode.
-    monkeypatch.setattr(text_module, "_detected_candidates", lambda raw: ["utf-8", "ascii"])
+    monkeypatch.setattr(text_module, "_detected_candidates",
+                        lambda raw, name: ["utf-8", "ascii"])
     with pytest.raises(CharRNNError, match=r"blob is binary or in an unknown encoding \(byte "
                                            r"0xff at offset 0 is not UTF-8\): .*--enc"):
         decode_bytes(b"\xff\xfe\xfd", name="blob")
@@ -162,21 +163,44 @@ def test_undecodable_bytes_say_binary_or_unknown_encoding(monkeypatch):
 def test_a_stray_byte_in_utf8_text_is_an_error_naming_its_offset():
     raw = "naïve café, all UTF-8\n".encode("utf-8") * 20 + b"\xff" + b"and more text\n" * 20
     offset = raw.index(b"\xff")
-    with pytest.raises(CharRNNError, match=rf"stray.txt is UTF-8 with 1 bad byte \(byte 0xff at "
+    with pytest.raises(CharRNNError, match=rf"stray.txt is UTF-8 with bad bytes \(byte 0xff at "
                                            rf"offset {offset} is not UTF-8\): repair the file"):
         decode_bytes(raw, name="stray.txt")  # not read as iso8859-10, every ï turned into Ã¯
 
 
-def test_latin1_french_is_read_as_cp1252_not_a_central_european_codepage():
-    """The detector scores cp1250 and cp1252 alike for this text and lists cp1250 first; cp1250
-    would read à, è, ï as ŕ, č, ď."""
-    french = "Le café était très agréable, où ça? Noël à Zürich, naïve façade.\n" * 60
-    assert decode_bytes(french.encode("latin-1")) == (french, "cp1252")
+def test_utf8_damage_far_into_a_large_file_is_judged_around_the_bad_byte():
+    before = ("ascii only\n" * 200_000 + "é à ü\n" * 500).encode("utf-8")  # 2.2 MB
+    raw = before + b"\xff" + "é à ü\n".encode("utf-8") * 500
+    with pytest.raises(CharRNNError, match=f"offset {len(before)} is not UTF-8"):
+        decode_bytes(raw, name="big.txt")
 
 
-def test_cp1250_czech_is_still_read_as_cp1250():
-    czech = "Příliš žluťoučký kůň úpěl ďábelské ódy. Řeřicha roste, když prší.\n" * 60
-    assert decode_bytes(czech.encode("cp1250")) == (czech, "cp1250")
+@pytest.mark.parametrize("text, encoding", [
+    ("Příliš žluťoučký kůň úpěl ďábelské ódy. Řeřicha roste, když prší.\n", "cp1250"),
+    ("Zażółć gęślą jaźń. Pchnąć w tę łódź jeża lub ośm skrzyń fig.\n", "cp1250"),
+    ("Größere Übungen für Mädchen, die Straße entlang.\n", "cp1252"),
+    ("El niño comió una piña en la montaña. ¿Qué año es?\n", "cp1252"),
+    ("Съешь же ещё этих мягких французских булок, да выпей чаю.\n", "cp1251"),
+])
+def test_legacy_single_byte_text_is_read_right(text, encoding):
+    assert decode_bytes((text * 60).encode(encoding)) == (text * 60, encoding)
+
+
+@pytest.mark.parametrize("text, encoding, fragment", [
+    # French in Latin-1: cp1250 and cp1252 tie, cp1250 listed first (it would read à as ŕ).
+    ("Où est l'hôtel? Ça coûte cher, naïve Noël à Zürich, façade élève.\n", "latin-1",
+     "reads as ŕ č ď ů ű in cp1250 and as à è ï ù û in cp1252"),
+    # Croatian in cp1250: the same tie, and cp1252 would read č as è.
+    ("Đačić je čitao knjigu o šumi, a žena je kuhala. Ćevapi su ukusni.\n", "cp1250",
+     "reads as č Ć Đ ć in cp1250 and as è Æ Ð æ in cp1252"),
+])
+def test_guesses_that_score_alike_but_read_differently_are_an_error_naming_both(text, encoding,
+                                                                              fragment):
+    with pytest.raises(CharRNNError, match=f"x.txt {fragment}, and the detector scores the two "
+                                           f"alike: pass the --encoding that gives the text's "
+                                           f"letters"):
+        decode_bytes((text * 10).encode(encoding), name="x.txt")
+    assert decode_bytes((text * 10).encode(encoding), encoding=encoding)[0] == text * 10
 
 
 def test_decoding_never_drops_or_replaces_bytes():

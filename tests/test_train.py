@@ -149,12 +149,33 @@ def test_the_memory_estimate_counts_each_optimizers_slots_as_keras_makes_them():
     from tf_charrnn.train import OPTIMIZER_SLOTS, make_optimizer
 
     assert set(OPTIMIZER_SLOTS) == set(OPTIMIZER_CHOICES)
-    weights = [keras.Variable(np.zeros((3, 5), np.float32)), keras.Variable(np.zeros(7, np.float32))]
+    weights = [keras.Variable(np.zeros((3, 5), np.float32)),
+               keras.Variable(np.zeros(7, np.float32))]
     for name, slots in OPTIMIZER_SLOTS.items():
         optimizer = make_optimizer(TrainConfig(optimizer=name), 0.1)
         optimizer.build(weights)
         per_weight = [v for v in optimizer.variables if tuple(v.shape) in ((3, 5), (7,))]
         assert len(per_weight) == slots * len(weights), name
+
+
+def test_flags_on_resume_are_checked_against_the_runs_config_not_the_defaults(tmp_path):
+    """A one-hot run (embedding_size 0) resumed with --embedding-size 0: right for the run,
+    though the defaults (an embedding) would refuse it."""
+    from tf_charrnn.config import CONFIGS_DIR, load_config
+    from tf_charrnn.data import Vocab
+    from tf_charrnn.train import build_parser, config_from_args
+
+    saved = apply_overrides(load_config(CONFIGS_DIR / "min_char_rnn.yaml"),
+                            [("data", "corpus", "corpus.txt"), ("train", "seed", 7)])
+    run = Run(tmp_path / "runs" / "mc")
+    run.write_metadata(saved, Vocab("abc"), corpus={"path": "corpus.txt", "sha256": "0"})
+    run.checkpoints.write(tf.train.Checkpoint(step=tf.Variable(1)), step=1)
+    args = build_parser().parse_args(["--runs-dir", str(tmp_path / "runs"), "--run", "mc",
+                                      "--embedding-size", "0", "--max-steps", "99"])
+    config = config_from_args(args)
+    assert config.model == saved.model and config.model.one_hot
+    assert (config.train.seed, config.train.max_steps) == (7, 99)
+    assert config.data.corpus == "corpus.txt"
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path):

@@ -89,12 +89,12 @@ def gemm_shapes(config, vocab_size):
     peers' FLOP counts, though a one-hot or embedded input lets a kernel read it as rows of the
     weight matrix.
     """
-    from tf_charrnn.models import resolve_kernel
+    from tf_charrnn.models import GATES, resolve_kernel
 
     data, model = config.data, config.model
     low = "bfloat16" if model.precision == "mixed_bfloat16" else "float32"
     per_step = "float32" if resolve_kernel(model.kernel) == "fused" else low
-    gates = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell] * model.hidden_size
+    gates = GATES[model.cell] * model.hidden_size
     rows = data.batch_size * data.seq_length
     shapes = []
     width = vocab_size if model.one_hot else model.embedding_size

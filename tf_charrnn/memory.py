@@ -2,26 +2,73 @@
 
 A batch of samples or a model far too large for the machine does not fail at once: it grows
 until the system kills it, or until TensorFlow stops with a page of out-of-memory errors. Each
-command estimates what its buffers need (`sample.Generator`, `train.train`) and asks
-`check_fits` first, against the memory available now.
+command estimates what its host-memory buffers need (`sample.Generator`, `train.train`) and asks
+`check_fits` first, against the memory available now: the machine's, or a container's limit
+(its cgroup's) where that is less.
 """
+
+from pathlib import Path
 
 from tf_charrnn.errors import CharRNNError
 
 GIB = 2 ** 30
+_NO_LIMIT = 2 ** 60  # cgroup v1 writes an unlimited group's limit as a number near 2**63
+
+# (controller name in /proc/self/cgroup, its mount, limit file, usage file, reclaimable-cache key)
+_CGROUPS = (("", "sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("memory", "sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+             "total_inactive_file"))
+
+
+def _read_int(path):
+    text = Path(path).read_text(encoding="ascii").strip()
+    return _NO_LIMIT if text == "max" else int(text)
+
+
+def _cgroup_headroom(root="/"):
+    """The memory this process's cgroup (v2, else v1) may still take: its limit minus what it
+    holds, not counting page cache it can drop; None where there is no limit. root: where /proc
+    and /sys are (a test's fake tree)."""
+    root = Path(root)
+    try:
+        lines = (root / "proc/self/cgroup").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    groups = dict(line.split(":", 2)[1:] for line in lines if line.count(":") >= 2)
+    for controller, mount, limit_file, usage_file, cache_key in _CGROUPS:
+        if controller not in groups:
+            continue
+        for directory in (root / mount / groups[controller].lstrip("/"), root / mount):
+            try:
+                limit = _read_int(directory / limit_file)
+                usage = _read_int(directory / usage_file)
+                stat = dict(line.split() for line in
+                            (directory / "memory.stat").read_text(encoding="ascii").splitlines())
+            except (OSError, ValueError):
+                continue
+            if limit >= _NO_LIMIT:
+                break
+            return max(limit - (usage - int(stat.get(cache_key, 0))), 0)
+    return None
 
 
 def available_memory_bytes():
-    """MemAvailable from /proc/meminfo: what a process can take now without swapping; None
-    where there is no such file (not Linux), and then nothing is refused."""
+    """What a process can take now without swapping: MemAvailable from /proc/meminfo, or the
+    cgroup's headroom where that is less; None where neither can be read (not Linux), and then
+    nothing is refused."""
+    available = None
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    headroom = _cgroup_headroom()
+    if headroom is not None:
+        available = headroom if available is None else min(available, headroom)
+    return available
 
 
 def check_fits(need_bytes, what, fix, available=None):

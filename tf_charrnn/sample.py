@@ -53,6 +53,7 @@ from tf_charrnn.cli import ArgumentParser, add_debug_flag, add_run_arguments, ru
 from tf_charrnn.config import SampleConfig
 from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.memory import available_memory_bytes, check_fits
+from tf_charrnn.models import GATES
 from tf_charrnn.text import HANGUL_ESCAPE, compose_hangul, decompose_hangul
 
 CHUNK_LENGTH = 256  # characters per call of a compiled (XLA or plain) loop
@@ -482,17 +483,23 @@ class Generator:
         """Refuse, before allocating anything, a batch that cannot fit in the memory available
         (else it grows until the system kills it). keeps_text: the whole text is held (generate),
         not handed on a chunk at a time (stream)."""
-        state_bytes = 4 * self.model.num_states * self.model.hidden_size
+        model = self.model
+        state_bytes = 4 * model.num_states * model.hidden_size
+        # The prime pass holds about one layer at a time: its input, gate pre-activations and
+        # output, a character each.
+        inputs = model.vocab_size if model.one_hot else model.embedding_size
+        prime_bytes = 4 * ((GATES[model.cell] + 2) * model.hidden_size + inputs)
         # Per row: a chunk's ids (the op's output and its NumPy copy), the states (in, out, the
-        # prime pass's), the prime pass's activations (about four states' worth a character),
-        # the text kept (up to 4 bytes a character, and its pieces before they are joined).
+        # prime pass's), the prime pass, the text kept (up to 4 bytes a character, and its
+        # pieces before they are joined).
         kept = prime_length + (length if keeps_text else self.chunk_length)
-        per_row = (8 * self.chunk_length + 4 * state_bytes + 4 * state_bytes * prime_length
+        per_row = (8 * self.chunk_length + 4 * state_bytes + prime_bytes * prime_length
                    + 8 * kept + 256)
         available = available_memory_bytes()
+        shorter = "fewer characters (-n) or a shorter prime" if keeps_text else "a shorter prime"
         check_fits(rows * per_row, f"{rows:,} samples of {length:,} characters",
                    f"ask for at most {max((available or 0) // per_row, 1):,} samples "
-                   f"(--num-samples) or a shorter prime", available)
+                   f"(--num-samples), {shorter}", available)
 
     def _rows(self, prime, length, temperature, top_k, top_p, argmax, seed, num_samples, stop,
               unknown, keeps_text):

@@ -41,7 +41,7 @@ _KOREAN_ENCODINGS = frozenset({"euc_kr", "cp949", "uhc", "johab"})
 # filler plus three jamo. Python's euc_kr codec reads those back as one syllable; cp949 does not.
 _EUC_KR_FILLER = b"\xa4\xd4"
 
-# When the detector's best guess names several codecs that give the same text, report the
+# When the detector's best guesses name several codecs that give the same text, report the
 # commonest one, so that a Western file is cp1252 rather than, say, cp1257.
 _PREFERRED_EQUIVALENTS = ("cp1252", "iso8859_1", "cp949", "cp932", "gb18030", "big5")
 
@@ -64,7 +64,12 @@ _COMPOSE_RE = re.compile(
 
 
 def _codec_name(encoding):
-    return codecs.lookup(encoding).name
+    """The codec's canonical name; LookupError for a name that is not a text encoding (Python's
+    base64, hex and rot13 codecs are bytes-to-bytes or str-to-str and cannot decode a file)."""
+    info = codecs.lookup(encoding)
+    if not getattr(info, "_is_text_encoding", True):
+        raise LookupError(encoding)
+    return info.name
 
 
 def _strict_decode(raw, encoding, name):
@@ -85,7 +90,56 @@ def _strict_decode(raw, encoding, name):
         ) from None
 
 
-def _detected_candidates(raw):
+def _byte_readings(codec, byte_values):
+    """What each byte reads as in codec alone, as a str; None unless every one reads as one
+    character (a multi-byte codec's lead bytes do not)."""
+    try:
+        chars = [bytes([value]).decode(codec) for value in byte_values]
+    except (UnicodeDecodeError, LookupError):
+        return None
+    return "".join(chars) if all(len(char) == 1 for char in chars) else None
+
+
+def _preferred_name(match):
+    return next((name for name in _PREFERRED_EQUIVALENTS if name in match.could_be_from_charset),
+                match.encoding)
+
+
+def _same_reading_as_best(raw, name, matches, best):
+    """The detector's guesses that score as well as the best one and read the file as it does.
+
+    The detector often scores several single-byte codecs alike (a French Latin-1 file: cp1250 and
+    cp1252 tie, cp1250 listed first, and it reads à, è, ï as ŕ, č, ď). Where such a tie reads the
+    file's bytes differently, nothing here can tell which is right: that is an error naming both
+    readings, and the user picks with --encoding.
+    """
+    tied = [match for match in matches if match is not best
+            and (match.chaos, match.coherence) == (best.chaos, best.coherence)]
+    counts = np.bincount(np.frombuffer(raw, np.uint8), minlength=256)
+    present = sorted(range(128, 256), key=lambda value: -counts[value])
+    present = [value for value in present if counts[value]]
+    best_reading = _byte_readings(best.encoding, present)
+    same = [best]
+    for match in tied:
+        reading = _byte_readings(match.encoding, present)
+        if best_reading is None or reading is None:
+            continue  # a multi-byte codec: left to the detector's order
+        if reading == best_reading:
+            same.append(match)
+            continue
+        differ = [index for index in range(len(present)) if reading[index] != best_reading[index]]
+        first, second = _preferred_name(best), _preferred_name(match)
+        shown = {codec: " ".join(text[index] for index in differ[:5])
+                 for codec, text in ((first, best_reading), (second, reading))}
+        raise CharRNNError(
+            f"{name} reads as {shown[first]} in {first} and as {shown[second]} in {second}, and "
+            f"the detector scores the two alike: pass the --encoding that gives the text's "
+            f"letters ({first}, {second}, or another, e.g. latin-1)"
+        )
+    return same
+
+
+def _detected_candidates(raw, name="input"):
     """Codecs to try, best first, from the charset detector; empty when it has no guess."""
     matches = from_bytes(raw)
     best = matches.best()
@@ -96,32 +150,41 @@ def _detected_candidates(raw):
         if _EUC_KR_FILLER in raw:
             candidates.append("euc_kr")
         candidates.append("cp949")
-    # The detector often scores several single-byte codecs alike (a French Latin-1 file: cp1250
-    # and cp1252 tie, and cp1250 is listed first); among equal guesses the commonest one wins.
-    equivalents = {name for match in matches
-                   if (match.chaos, match.coherence) == (best.chaos, best.coherence)
-                   for name in match.could_be_from_charset}
-    candidates += [name for name in _PREFERRED_EQUIVALENTS if name in equivalents]
+        same = [best]
+    else:
+        same = _same_reading_as_best(raw, name, matches, best)
+    equivalents = {codec for match in same for codec in match.could_be_from_charset}
+    candidates += [codec for codec in _PREFERRED_EQUIVALENTS if codec in equivalents]
     candidates.append(best.encoding)
     candidates += [match.encoding for match in matches]
     return list(dict.fromkeys(candidates))
 
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+_NON_ASCII = re.compile("[^\x00-\x7f]")
+_DAMAGE_WINDOW = 2 ** 19  # bytes read either side of the first bad one
 
 
-def _refuse_damaged_utf8(raw, name, first_bad):
+def _refuse_damaged_utf8(raw, name, first_bad_offset):
     """UTF-8 text with a few bad bytes (a cut or a bit flip) is not in some other encoding: a
-    single-byte codec would read every accented letter in it as two wrong ones. Such a file has
-    more well-formed multi-byte UTF-8 characters than bad bytes, which a file really in a legacy
-    encoding never has (its accented letters and Hangul rarely form valid UTF-8 sequences)."""
-    text = raw.decode("utf-8", errors="surrogateescape")
+    single-byte codec would read every accented letter in it as two wrong ones. Around its first
+    bad byte such a file has more well-formed multi-byte UTF-8 characters than bad bytes, which a
+    file really in a legacy encoding does not (its accented letters and Hangul rarely form valid
+    UTF-8 sequences). The window keeps this cheap on a large file."""
+    start = max(first_bad_offset - _DAMAGE_WINDOW, 0)
+    end = min(first_bad_offset + _DAMAGE_WINDOW, len(raw))
+    while 0 < start < first_bad_offset and raw[start] & 0xC0 == 0x80:  # not mid-character
+        start += 1
+    while end < len(raw) and raw[end] & 0xC0 == 0x80:
+        end -= 1
+    text = raw[start:end].decode("utf-8", errors="surrogateescape")
     bad = len(_ESCAPED_BYTE.findall(text))
-    bytes_saved = len(raw) - len(text)  # at least one per well-formed multi-byte character
-    if bytes_saved > bad:
+    well_formed = len(_NON_ASCII.findall(text)) - bad
+    if well_formed > bad:
         raise CharRNNError(
-            f"{name} is UTF-8 with {bad:,} bad byte{'s' if bad > 1 else ''} ({first_bad}): "
-            f"repair the file, or pass --encoding if it is in another encoding ({_ENCODING_HINT})"
+            f"{name} is UTF-8 with bad bytes (byte 0x{raw[first_bad_offset]:02x} at offset "
+            f"{first_bad_offset} is not UTF-8): repair the file, or pass --encoding if it is in "
+            f"another encoding ({_ENCODING_HINT})"
         )
 
 
@@ -152,9 +215,9 @@ def decode_bytes(raw: bytes, encoding: str | None = None, name: str = "input") -
     try:
         return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError as error:
+        _refuse_damaged_utf8(raw, name, error.start)
         not_utf8 = f"byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8"
-        _refuse_damaged_utf8(raw, name, not_utf8)
-    for codec in _detected_candidates(raw):
+    for codec in _detected_candidates(raw, name):
         try:
             return raw.decode(codec), _codec_name(codec)
         except (UnicodeDecodeError, LookupError):

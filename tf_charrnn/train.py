@@ -5,9 +5,9 @@ Shapes: K train steps per compiled call, B batch rows, T seq_length, V vocabular
 train(config) reads top to bottom: corpus -> TextLoader -> will it fit in memory -> run directory
 (locked) -> model and optimiser under the distribution strategy's scope -> restore the newest good
 checkpoint -> loop. From the command line a resumed run's config.yaml is the base the flags
-change (config_from_args). The loop feeds K batches at a time to one compiled call that runs K steps; the hidden state is
-carried from batch to batch within an epoch (truncated BPTT over the loader's continuing rows) and
-reset at each epoch. The learning rate is a function of the step, and for the cosine and wsd
+change (config_from_args). The loop feeds K batches at a time to one compiled call that runs K
+steps; the hidden state is carried from batch to batch within an epoch (truncated BPTT over the
+loader's continuing rows) and reset at each epoch. The learning rate is a function of the step, and for the cosine and wsd
 schedules under a time budget (max_seconds) of the share of that budget spent. Checkpoints hold
 everything a resumed run needs to continue exactly: model, optimiser slots, step, epoch, batch
 pointer, carried state, the seconds trained and the smoothed loss; dropout masks are drawn from
@@ -472,6 +472,7 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
     from tf_charrnn.memory import check_fits
     from tf_charrnn.models import build_model, parameter_count
     from tf_charrnn.runs import Run, RunLock, describe_mismatch, latest_run, restore_checkpoint
+    from tf_charrnn.tfenv import visible_gpus
 
     data, train_config = config.data, config.train
     strategy = make_strategy(train_config.strategy)
@@ -485,9 +486,10 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
     corpus = {"path": str(input_path), "sha256": loader.sha256, "encoding": loader.encoding,
               "num_chars": int(len(loader.ids))}
 
-    check_fits(training_memory_bytes(config, len(vocab)),
-               f"the model ({parameter_count(config.model, len(vocab)):,} parameters) and a batch",
-               "use a smaller --hidden-size, --num-layers or --batch-size")
+    if not visible_gpus():  # on a GPU the weights and activations are in its memory, not here
+        check_fits(training_memory_bytes(config, len(vocab)),
+                   f"the model ({parameter_count(config.model, len(vocab)):,} parameters) and a "
+                   f"batch", "use a smaller --hidden-size, --num-layers or --batch-size")
     if resume and run_name is None:
         run_path = latest_run(train_config.runs_dir)
     else:
@@ -552,7 +554,9 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
         if created and not run.exists():
             # A new run that failed before its first file (a mistyped --resume --run, a directory
             # it cannot write, a model that fails to build) leaves no directory with only a lock.
-            lock.path.unlink(missing_ok=True)
+            # The lock file goes while still held, so no other trainer can hold it meanwhile.
+            with contextlib.suppress(OSError):
+                lock.path.unlink()
         if stop_flag is None:
             stop.restore()
         if lock is not None:
@@ -858,11 +862,11 @@ def config_from_args(args):
     """
     corpus = getattr(args, "data.corpus")
     if args.config:
-        config = load_config(args.config)
+        recipe = load_config(args.config)
     elif corpus and recipe_path(corpus):
-        config = load_config(recipe_path(corpus))
+        recipe = load_config(recipe_path(corpus))
     else:
-        config = Config()
+        recipe = Config()
     overrides = [parse_override(text) for text in args.set]
     for key, value in vars(args).items():
         if "." in key and value is not None:
@@ -870,13 +874,14 @@ def config_from_args(args):
             overrides.append((section, field, value))
     if args.hangul_jamo:
         overrides.append(("data", "hangul_jamo", True))
-    config = apply_overrides(config, overrides)
-    if not args.config:
-        saved = saved_run_config(config.train.runs_dir, args.run, args.resume)
-        if saved is not None:  # where the run lies now, whatever runs_dir it was trained under
-            config = apply_overrides(saved, overrides + [("train", "runs_dir",
-                                                          config.train.runs_dir)])
-    return config
+    # Where the runs are: the last --runs-dir / --set train.runs_dir given, else the recipe's.
+    runs_dir = next((str(value) for section, field, value in reversed(overrides)
+                     if (section, field) == ("train", "runs_dir")), recipe.train.runs_dir)
+    saved = None if args.config else saved_run_config(runs_dir, args.run, args.resume)
+    if saved is None:
+        return apply_overrides(recipe, overrides)
+    # The run where it lies now, whatever runs_dir it was trained under.
+    return apply_overrides(saved, [*overrides, ("train", "runs_dir", runs_dir)])
 
 
 def saved_run_config(runs_dir, run_name, resume):
