@@ -115,6 +115,8 @@ ROWS = [
      "'klingon'"),
     (TRAIN, [*CORPUS, "--encoding", "base64"], 2,  # a codec, but bytes to bytes
      "data.encoding must be a text encoding Python knows"),
+    (TRAIN, [*CORPUS, "--encoding", "undefined"], 2,  # a text codec that refuses every input
+     "cannot decode ROOT/corpus/input.txt as undefined"),
     (TRAIN, [*CORPUS, "--seed", "-1"], 2, "train.seed must be in [0, 2**32), got -1"),
     (TRAIN, [*CORPUS, "--seed", str(2 ** 32)], 2, "train.seed must be in [0, 2**32)"),
     # A UTF-8 locale keeps argv bytes that are not UTF-8 (EUC-KR, here) as lone surrogates.
@@ -179,6 +181,8 @@ ROWS = [
      "--out ROOT/a_file already exists"),
     (EXPORT, ["--runs-dir", "ROOT/empty_runs", "--out", "ROOT/out-none"], 1,
      "no trained run found"),
+    (EXPORT, ["--run", "ROOT/runs/good", "--out", "ROOT/a_file/sub"], 1,
+     "cannot write the SavedModel to ROOT/a_file/sub (Not a directory): check the path"),
     (EXPORT, ["--checkpoint", "ROOT/runs/good/checkpoints/ckpt-99", "--out", "ROOT/out-ckpt"], 1,
      "no complete checkpoint"),
 ]

@@ -526,6 +526,8 @@ def test_the_run_name_alone_resumes_the_run_with_its_own_settings(trained, how, 
                                        "mixed_float16; mixed_float16's loss scale is in the "
                                        "checkpoint)"),
     (["--batch-size", "5"], "data.batch_size differs (run has 4, asked for 5)"),
+    # Another split moves the training rows under the saved batch pointer.
+    (["--val-fraction", "0.2"], "data.val_fraction differs (run has 0.05, asked for 0.2)"),
 ])
 def test_a_resume_that_changes_the_checkpointed_state_is_refused_writing_nothing(
         trained, flags, message, capsys):
@@ -542,6 +544,32 @@ def test_a_resume_that_changes_the_checkpointed_state_is_refused_writing_nothing
     assert run_files(run_path) == before
 
 
+def test_resuming_a_finished_run_says_so_and_writes_nothing(trained, capsys):
+    _, run_path = trained
+    before = run_files(run_path)
+    assert run_cli(train_main, ["--runs-dir", str(run_path.parent), "--run", "r"]) == 0
+    assert "the run has trained its 8 steps: raise" in capsys.readouterr().out
+    assert run_files(run_path) == before  # no validation, event file, checkpoint or config
+
+
+def test_training_piped_into_head_carries_on_and_saves(trained):
+    """`train ... | head -1`: the reader leaves after one line; the run must not die on a broken
+    pipe (it did, with a traceback and no checkpoint)."""
+    config, run_path = trained
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tf_charrnn.train", "--runs-dir", str(run_path.parent), "--run",
+         "piped", "--corpus", config.data.corpus, "--batch-size", "4", "--seq-length", "8",
+         "--num-layers", "1", "--hidden-size", "8", "--embedding-size", "4", "--kernel", "keras",
+         "--max-steps", "30", "--log-every", "1", "--eval-every", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    process.stdout.close()  # as head does after its line
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+    assert Run(run_path.parent / "piped").newest_checkpoint().step == 30
+
+
 def test_a_new_run_that_fails_before_its_first_file_leaves_no_directory(trained, capsys):
     config, run_path = trained
     runs = run_path.parent
@@ -555,6 +583,7 @@ def test_a_kill_while_config_yaml_is_rewritten_cannot_spoil_the_run(trained, mon
     """Resuming rewrites config.yaml; a kill in the middle of that write must not leave a
     truncated file behind (it is written atomically, like vocab.json and the manifests)."""
     config, run_path = trained
+    config = apply_overrides(config, [("train", "max_steps", 12)])  # more to train: a real resume
     before = (run_path / "config.yaml").read_text()
     real_replace = os.replace
 

@@ -5,7 +5,9 @@ Exit codes: 0 success, 1 runtime error (CharRNNError), 2 usage error (UsageError
 """
 
 import argparse
+import contextlib
 import logging
+import os
 import re
 import sys
 
@@ -57,6 +59,44 @@ def add_run_arguments(parser):
                        help="a checkpoint prefix, e.g. runs/NAME/checkpoints/ckpt-1000")
     parser.add_argument("--runs-dir", default="runs", metavar="DIR",
                         help="where to look for the most recent run (default: runs)")
+
+
+class _OutputThatOutlivesItsReader:
+    """A stream whose reader may leave (`train ... | head`): from then on what is written goes
+    to /dev/null instead of raising BrokenPipeError, so a long job carries on and saves."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _drop(self):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def stdout_outliving_its_reader():
+    """sys.stdout, for the duration, as a stream that outlives its reader (see above)."""
+    saved = sys.stdout
+    sys.stdout = _OutputThatOutlivesItsReader(saved)
+    try:
+        yield
+    finally:
+        sys.stdout = saved
 
 
 _MEMORY_HINT = "use a smaller model or batch, or fewer --num-samples"

@@ -30,6 +30,7 @@ syllables; `length` then counts jamo, and the last syllable of the prime may be 
 generated final consonant.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -196,11 +197,16 @@ def export_run(out, path=None, checkpoint=None, runs_dir="runs", jit_compile=Tru
                            f"another directory")
     loaded = load_run(path, checkpoint, runs_dir, log=log)
     log(f"checkpoint {loaded.checkpoint.prefix} (step {loaded.checkpoint.step})")
+    created = not out.exists()
     try:
+        out.mkdir(parents=True, exist_ok=True)
         export_model(loaded.model, loaded.vocab, out, loaded.config.data.hangul_jamo,
                      jit_compile)
-    except OSError as error:
-        raise CharRNNError(f"cannot write the SavedModel to {out} ({error.strerror or error}): "
+    except (OSError, tf.errors.OpError) as error:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # no half-written SavedModel left behind
+        reason = getattr(error, "strerror", None) or getattr(error, "message", None) or error
+        raise CharRNNError(f"cannot write the SavedModel to {out} ({str(reason).strip()[:160]}): "
                            f"check the path and free space") from None
     return loaded
 

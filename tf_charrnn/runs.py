@@ -263,7 +263,7 @@ def describe_mismatch(saved: Config, wanted: Config, saved_vocab, vocab, saved_c
     for key in ("cell", "num_layers", "hidden_size", "one_hot", "embedding_size"):
         if model_saved[key] != model_wanted[key]:
             return f"model.{key} differs (run has {model_saved[key]}, asked for {model_wanted[key]})"
-    for key in ("batch_size", "seq_length", "hangul_jamo"):
+    for key in ("batch_size", "seq_length", "hangul_jamo", "val_fraction"):
         if getattr(saved.data, key) != getattr(wanted.data, key):
             return (f"data.{key} differs (run has {getattr(saved.data, key)}, asked for "
                     f"{getattr(wanted.data, key)})")

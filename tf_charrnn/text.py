@@ -88,6 +88,9 @@ def _strict_decode(raw, encoding, name):
             f"cannot decode {name} as {codec}: {error.reason} at byte offset {error.start}; "
             f"try a different --encoding ({_ENCODING_HINT})"
         ) from None
+    except UnicodeError as error:  # Python's 'undefined' codec refuses every input
+        raise UsageError(f"cannot decode {name} as {codec} ({error}): give a text encoding "
+                         f"({_ENCODING_HINT})") from None
 
 
 def _byte_readings(codec, byte_values):
@@ -184,7 +187,7 @@ def _refuse_damaged_utf8(raw, name, first_bad_offset):
         raise CharRNNError(
             f"{name} is UTF-8 with bad bytes (byte 0x{raw[first_bad_offset]:02x} at offset "
             f"{first_bad_offset} is not UTF-8): repair the file, or pass --encoding if it is in "
-            f"another encoding ({_ENCODING_HINT})"
+            f"another encoding (e.g. cp949, shift_jis or latin-1)"
         )
 
 

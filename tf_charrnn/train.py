@@ -438,6 +438,16 @@ class _StopFlag:
             signal.signal(signum, handler)
 
 
+def finished_limit(step, total_steps, progress, train_config):
+    """What a restored run has already spent ("its 600 steps"), or None when it can train on."""
+    if step >= total_steps:
+        return f"its {total_steps} steps"
+    if train_config.max_seconds and float(progress.seconds_trained.numpy()) >= \
+            train_config.max_seconds:
+        return f"its {train_config.max_seconds:g} seconds (--max-seconds)"
+    return None
+
+
 def default_run_name(corpus):
     stem = Path(corpus).stem if ("/" in corpus or "." in corpus) else corpus
     return f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -539,6 +549,12 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
             restore_checkpoint(reader, info, vocab, what="training state")
             step = int(optimizer.iterations.numpy())  # int() fails on a distributed variable
             say(f"resumed {run_path} from {info.prefix} (step {step})")
+            spent = finished_limit(step, total_steps, progress, train_config)
+            if spent:  # nothing to train: the run's files stay as they are
+                say(f"the run has trained {spent}: raise --epochs, --max-steps or --max-seconds "
+                    f"to train it further")
+                return TrainResult(run_path, step, int(progress.epoch.numpy()), [],
+                                   info.metrics.get("val_loss", float("nan")), "done")
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             check_workers_agree(strategy, int(optimizer.iterations.numpy()), run_path)
         if chief:
@@ -631,11 +647,6 @@ class _Loop:
                 stopped = "interrupted"
                 break
             if self.step >= self.total_steps or seconds_before + elapsed >= max_seconds:
-                if not losses:  # a resumed run that had already finished
-                    spent = (f"its {self.total_steps} steps" if self.step >= self.total_steps
-                             else f"its {max_seconds:g} seconds (--max-seconds)")
-                    self.say(f"the run has trained {spent}: raise --epochs, --max-steps or "
-                             f"--max-seconds to train it further")
                 break
             epoch, batch = int(self.progress.epoch.numpy()), int(self.progress.batch_index.numpy())
             if batch >= self.loader.num_batches:  # epoch done: next epoch, fresh state
@@ -856,7 +867,7 @@ def config_from_args(args):
 
     The base is the run's own config.yaml when --run (or --resume) names a run that has a
     checkpoint, so `--run NAME` alone continues it as it was set up; else --config, or
-    configs/<corpus>.yaml, or the defaults. --config given with an existing run is the base
+    configs/<corpus>.yaml (with its own corpus), or the defaults. --config given with an existing run is the base
     instead of config.yaml; either way a resumed run refuses a change to what its checkpoint
     holds (see runs.describe_mismatch).
     """
@@ -867,9 +878,11 @@ def config_from_args(args):
         recipe = load_config(recipe_path(corpus))
     else:
         recipe = Config()
+    # `--corpus korean` names a recipe, whose data.corpus is the text it trains on.
+    names_recipe = not args.config and corpus and recipe_path(corpus)
     overrides = [parse_override(text) for text in args.set]
     for key, value in vars(args).items():
-        if "." in key and value is not None:
+        if "." in key and value is not None and not (key == "data.corpus" and names_recipe):
             section, field = key.split(".")
             overrides.append((section, field, value))
     if args.hangul_jamo:
@@ -899,11 +912,12 @@ def saved_run_config(runs_dir, run_name, resume):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
-    result = train(config, run_name=args.run, resume=args.resume)
-    if result.stopped == "interrupted":
-        return 130
-    print(f"run saved in {result.run_path} (step {result.step}); sample it with: "
-          f"python -m tf_charrnn.sample --run {result.run_path}")
+    with cli.stdout_outliving_its_reader():  # `train ... | head` must not cost the run
+        result = train(config, run_name=args.run, resume=args.resume)
+        if result.stopped == "interrupted":
+            return 130
+        print(f"run saved in {result.run_path} (step {result.step}); sample it with: "
+              f"python -m tf_charrnn.sample --run {result.run_path}")
     return 0
 
 
