@@ -18,6 +18,7 @@ This module owns two steps between a corpus file and the vocabulary:
 
 import codecs
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -103,43 +104,120 @@ def _byte_readings(codec, byte_values):
     return "".join(chars) if all(len(char) == 1 for char in chars) else None
 
 
-def _preferred_name(match):
-    return next((name for name in _PREFERRED_EQUIVALENTS if name in match.could_be_from_charset),
-                match.encoding)
+# The accented letters of languages written in the single-byte Latin code pages (cp1250, cp1252,
+# cp1257, ISO 8859): of two readings of a file, the one whose letters belong to one language's
+# alphabet is the right one (French read as cp1250 gives à è ï as ŕ č ď: no language has them all).
+_LATIN_ALPHABETS = (
+    "àâæçéèêëîïôœùûüÿ",  # French
+    "äöüß",  # German
+    "áéíñóúü",  # Spanish
+    "àáâãçéêíóôõú",  # Portuguese
+    "àèéìíîòóùú",  # Italian
+    "àçèéíïòóúü",  # Catalan
+    "áéèëïóöü",  # Dutch
+    "åäöé",  # Swedish, Finnish
+    "æøåé",  # Danish, Norwegian
+    "áðéíóúýþæö",  # Icelandic
+    "ąćęłńóśźż",  # Polish
+    "áčďéěíňóřšťúůýž",  # Czech
+    "áäčďéíĺľňóôŕšťúýž",  # Slovak
+    "áéíóöőúüű",  # Hungarian
+    "čćđšž",  # Croatian, Bosnian, Slovenian
+    "ăâîșțşţ",  # Romanian
+    "ąčęėįšųūž",  # Lithuanian
+    "āčēģīķļņšūž",  # Latvian
+    "äõöüšž",  # Estonian
+    "çğıöşü",  # Turkish
+)
+_LATIN_CODE_PAGES = ("cp1252", "cp1250", "cp1257")  # weighed even when the detector omits them;
+# on a tie, the first of them wins
 
 
-def _same_reading_as_best(raw, name, matches, best):
-    """The detector's guesses that score as well as the best one and read the file as it does.
+# Typographic marks the Latin code pages hold beside letters (quotes, dashes, ¡ ¿, ordinals).
+_LATIN_MARKS = "\u00a0“”‘’‚„–—…«»‹›¡¿€£¥¢©®™°·•§¶†‡±×÷¹²³ªº"
 
-    The detector often scores several single-byte codecs alike (a French Latin-1 file: cp1250 and
-    cp1252 tie, cp1250 listed first, and it reads à, è, ï as ŕ, č, ď). Where such a tie reads the
-    file's bytes differently, nothing here can tell which is right: that is an error naming both
-    readings, and the user picks with --encoding.
-    """
-    tied = [match for match in matches if match is not best
-            and (match.chaos, match.coherence) == (best.chaos, best.coherence)]
-    counts = np.bincount(np.frombuffer(raw, np.uint8), minlength=256)
-    present = sorted(range(128, 256), key=lambda value: -counts[value])
-    present = [value for value in present if counts[value]]
+
+def _is_latin(reading):
+    return all(unicodedata.name(char, "").startswith("LATIN") for char in reading
+               if char.isalpha() and char not in _LATIN_MARKS)
+
+
+def _plausible_share(reading, counts):
+    """The largest share of the file's non-ASCII bytes that read as one language's letters or
+    as common typographic marks."""
+    return max(sum(count for char, count in zip(reading, counts)
+                   if char.lower() in alphabet or char in _LATIN_MARKS)
+               for alphabet in _LATIN_ALPHABETS) / sum(counts)
+
+
+def _ambiguity(name, readings, codecs_, present_index):
+    """The one-line error for two codecs that read the file's letters differently."""
+    (first, first_text), (second, second_text) = zip(codecs_, readings)
+    differ = [i for i in present_index if first_text[i] != second_text[i]][:5]
+    return CharRNNError(
+        f"{name} reads as {' '.join(first_text[i] for i in differ)} in {first} and as "
+        f"{' '.join(second_text[i] for i in differ)} in {second}, and the detector cannot tell "
+        f"which: pass the --encoding that gives the text's letters ({first}, {second}, or "
+        f"another, e.g. latin-1)"
+    )
+
+
+def _preferred(codecs_):
+    """codecs_ (equivalent for this file) with the commonest names first."""
+    return sorted(codecs_, key=lambda codec: (_PREFERRED_EQUIVALENTS.index(codec)
+                                              if codec in _PREFERRED_EQUIVALENTS else 99))
+
+
+def _latin_reading(name, matches, best, present, counts):
+    """For a file the detector reads as Latin letters: the codecs giving the reading whose
+    accented letters fit one language best, commonest name first; None where that does not apply
+    (no accented letter, a reading not in Latin script, a multi-byte codec). Readings that fit
+    equally well but give other letters are an error naming two of them."""
     best_reading = _byte_readings(best.encoding, present)
-    same = [best]
-    for match in tied:
+    if best_reading is None or not _is_latin(best_reading):
+        return None
+    readings = {}
+    for codec in dict.fromkeys([best.encoding, *(m.encoding for m in matches),
+                                *_LATIN_CODE_PAGES]):
+        reading = _byte_readings(codec, present)
+        if reading is not None and _is_latin(reading):
+            readings.setdefault(reading, []).append(codec)
+    shares = {reading: _plausible_share(reading, counts) for reading in readings}
+    top = max(shares.values())
+    if top == 0:
+        return None
+
+    def rank(reading):  # the code pages first, then the detector's order (best first)
+        return min((_LATIN_CODE_PAGES.index(codec) for codec in readings[reading]
+                    if codec in _LATIN_CODE_PAGES), default=len(_LATIN_CODE_PAGES))
+
+    tops = sorted((reading for reading in readings if shares[reading] == top), key=rank)
+    if len(tops) > 1 and rank(tops[0]) == rank(tops[1]) == len(_LATIN_CODE_PAGES):
+        letters = [tuple(char if char.isalpha() else None for char in reading)
+                   for reading in tops[:2]]
+        if letters[0] != letters[1]:
+            raise _ambiguity(name, tops[:2], [_preferred(readings[r])[0] for r in tops[:2]],
+                             range(len(present)))
+    return _preferred(readings[tops[0]])
+
+
+def _same_reading_as_best(name, matches, best, present):
+    """The detector's guesses that score as well as the best one and read the file as it does;
+    tied guesses that read it differently are an error naming both (nothing here can tell)."""
+    best_reading = _byte_readings(best.encoding, present)
+    same = [best.encoding, *best.could_be_from_charset]
+    for match in matches:
+        if match is best or (match.chaos, match.coherence) != (best.chaos, best.coherence):
+            continue
         reading = _byte_readings(match.encoding, present)
         if best_reading is None or reading is None:
             continue  # a multi-byte codec: left to the detector's order
-        if reading == best_reading:
-            same.append(match)
-            continue
-        differ = [index for index in range(len(present)) if reading[index] != best_reading[index]]
-        first, second = _preferred_name(best), _preferred_name(match)
-        shown = {codec: " ".join(text[index] for index in differ[:5])
-                 for codec, text in ((first, best_reading), (second, reading))}
-        raise CharRNNError(
-            f"{name} reads as {shown[first]} in {first} and as {shown[second]} in {second}, and "
-            f"the detector scores the two alike: pass the --encoding that gives the text's "
-            f"letters ({first}, {second}, or another, e.g. latin-1)"
-        )
-    return same
+        if reading != best_reading:
+            raise _ambiguity(name, [best_reading, reading],
+                             [_preferred(same)[0], _preferred(match.could_be_from_charset)[0]],
+                             range(len(present)))
+        same += match.could_be_from_charset
+    return _preferred(dict.fromkeys(same))
 
 
 def _detected_candidates(raw, name="input"):
@@ -153,11 +231,12 @@ def _detected_candidates(raw, name="input"):
         if _EUC_KR_FILLER in raw:
             candidates.append("euc_kr")
         candidates.append("cp949")
-        same = [best]
     else:
-        same = _same_reading_as_best(raw, name, matches, best)
-    equivalents = {codec for match in same for codec in match.could_be_from_charset}
-    candidates += [codec for codec in _PREFERRED_EQUIVALENTS if codec in equivalents]
+        all_counts = np.bincount(np.frombuffer(raw, np.uint8), minlength=256)
+        present = [value for value in range(128, 256) if all_counts[value]]
+        counts = [int(all_counts[value]) for value in present]
+        candidates += (_latin_reading(name, matches, best, present, counts)
+                       or _same_reading_as_best(name, matches, best, present))
     candidates.append(best.encoding)
     candidates += [match.encoding for match in matches]
     return list(dict.fromkeys(candidates))
