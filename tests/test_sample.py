@@ -17,8 +17,9 @@ from tf_charrnn.data import Vocab
 from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.models import build_model
 from tf_charrnn.runs import Run
-from tf_charrnn.sample import (Generator, JamoComposer, draw, filter_logits, main,
-                               make_chunk_function, model_step, parse_escapes, sample_divider)
+from tf_charrnn.sample import (Generator, JamoComposer, default_prime, draw, filter_logits,
+                               main, make_chunk_function, model_step, parse_escapes,
+                               sample_divider)
 from tf_charrnn.text import HANGUL_ESCAPE, compose_hangul, decompose_hangul
 
 CHARS = "ab \ncde.!"  # V = 9
@@ -569,6 +570,31 @@ def test_streamed_jamo_compose_exactly_like_the_whole_text():
 def hangul():
     vocab = Vocab.from_text(decompose_hangul(KOREAN))
     return vocab, tiny_model(vocab, seed=1)
+
+
+def test_a_jamo_runs_default_prime_can_start_a_syllable(hangul):
+    """The most frequent jamo here is the vowel ᅡ, which no syllable starts with: every sample
+    opened with a loose vowel."""
+    vocab, model = hangul
+    assert vocab.most_frequent == "\u1161"
+    generator = Generator(model, vocab, hangul_jamo=True, chunk_length=16, loops="xla")
+    assert default_prime(vocab, hangul_jamo=True) == " "  # the next most frequent
+    assert generator.generate(length=5, seed=0).startswith(" ")
+    assert default_prime(vocab) == "\u1161"  # a plain run keeps the most frequent
+
+
+def test_a_jamo_runs_unknown_prime_syllables_are_named_and_dropped_whole(hangul):
+    """뷁's vowel ᅰ is not in this vocabulary: the error names the syllable typed, not the jamo,
+    and skipping drops the syllable, not only its vowel (which left ᄇᆰ in the text)."""
+    vocab, model = hangul
+    messages = []
+    generator = Generator(model, vocab, hangul_jamo=True, chunk_length=16, loops="xla",
+                          log=messages.append)
+    with pytest.raises(CharRNNError, match=r"not in the run's vocabulary: '뷁'; remove them"):
+        generator.generate("한뷁국", 5, seed=0)
+    text = generator.generate("한뷁국", 5, seed=0, unknown="skip")
+    assert text.startswith("한국") and "\u1107" not in text and "\u11b0" not in text
+    assert messages == ["warning: dropping prime characters not in the vocabulary: '뷁'"]
 
 
 def test_jamo_runs_are_recomposed_into_syllables(hangul):

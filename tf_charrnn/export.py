@@ -15,7 +15,7 @@ graph as constants, and one function (also the serving signature "generate"):
 
 Everything runs in the graph: the prime's UTF-8 is decoded to code points and looked up in the
 vocabulary (a sorted code point table and tf.searchsorted; characters not in the vocabulary are
-dropped, and a prime left empty starts from the most frequent character), the state is primed by
+dropped, and a prime left empty starts from sample.default_prime), the state is primed by
 one pass over the prime, `length` characters are drawn by tf_charrnn.sample's chunk function
 (the XLA-compiled loop, seeded with (seed mod 2**31, position), so a seed gives the same text
 as `python -m tf_charrnn.sample --loops xla --seed` with top-k and top-p off; the sampler's
@@ -40,7 +40,7 @@ import tensorflow as tf
 from tf_charrnn.cli import ArgumentParser, add_debug_flag, add_run_arguments, run_cli
 from tf_charrnn.errors import CharRNNError
 from tf_charrnn.kernels import portable_loops
-from tf_charrnn.sample import CHUNK_LENGTH, SEED_MODULUS, make_chunk_function
+from tf_charrnn.sample import CHUNK_LENGTH, SEED_MODULUS, default_prime, make_chunk_function
 from tf_charrnn.text import HANGUL_ESCAPE
 
 # Hangul arithmetic, as in tf_charrnn.text: a syllable is S_BASE + (L * V_COUNT + V) * T_COUNT + T.
@@ -115,7 +115,7 @@ class ExportedGenerator(tf.Module):
         self._vocab_codepoints = codepoints          # [V], by id
         self._sorted_codepoints = codepoints[order]  # [V], ascending
         self._sorted_to_id = order.astype(np.int32)
-        self._most_frequent_id = vocab.chars.index(vocab.most_frequent)
+        self._default_prime_id = vocab.chars.index(default_prime(vocab, hangul_jamo))
         self._hangul_jamo = bool(hangul_jamo)
         self._chunk_length = int(chunk_length)
         # The model lives in the functions' closures, not as a tracked attribute, so the
@@ -145,7 +145,7 @@ class ExportedGenerator(tf.Module):
         known = tf.gather(table, position) == codes
         ids = tf.gather(tf.constant(self._sorted_to_id), tf.boolean_mask(position, known))
         return tf.cond(tf.size(ids) > 0, lambda: ids,
-                       lambda: tf.constant([self._most_frequent_id], tf.int32))
+                       lambda: tf.constant([self._default_prime_id], tf.int32))
 
     def _generate(self, model, chunk, prime, length, temperature, seed):
         checks = [tf.debugging.assert_greater(temperature, 0.0,

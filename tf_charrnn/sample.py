@@ -384,6 +384,17 @@ class _PlainText:
         return ""
 
 
+def default_prime(vocab, hangul_jamo=False):
+    """The prime when none is given: the most frequent character, or for a jamo run the most
+    frequent one that can start text (a lone medial vowel or final consonant jamo cannot compose
+    into a syllable, so every sample would open with a broken one)."""
+    if hangul_jamo:
+        for char in vocab.chars:  # most frequent first
+            if not (_V_FIRST <= char <= _T_LAST or char == HANGUL_ESCAPE):
+                return char
+    return vocab.most_frequent
+
+
 def check_sampling_options(length=1000, temperature=1.0, top_k=0, top_p=1.0, num_samples=1,
                            stop=None, unknown="error"):
     """Raise UsageError naming the first option out of range."""
@@ -458,22 +469,23 @@ class Generator:
     def encode_prime(self, prime=None, unknown="error"):
         """The prime as model characters (jamo for a jamo run) and ids [P].
 
-        None means the most frequent character. Characters not in the vocabulary are an error
-        listing them (unknown="error") or are dropped with a warning (unknown="skip").
+        None means default_prime. Characters not in the vocabulary (for a jamo run, syllables
+        with a jamo not in it, named as typed) are an error listing them (unknown="error") or
+        are dropped whole with a warning (unknown="skip").
         """
         if prime is None:
-            units = self.vocab.most_frequent
-        else:
-            units = decompose_hangul(prime) if self.hangul_jamo else prime
-        missing = self.vocab.unknown_chars(units)
+            prime = default_prime(self.vocab, self.hangul_jamo)
+        split = decompose_hangul if self.hangul_jamo else (lambda char: char)
+        missing = [char for char in dict.fromkeys(prime) if self.vocab.unknown_chars(split(char))]
         if missing:
-            listed = " ".join(repr(compose_hangul(char)) for char in missing)
+            listed = " ".join(map(repr, missing))
             if unknown == "error":
                 raise CharRNNError(f"the prime has characters not in the run's vocabulary: "
                                    f"{listed}; remove them or pass --unknown skip")
             self.log(f"warning: dropping prime characters not in the vocabulary: {listed}")
             dropped = set(missing)
-            units = "".join(char for char in units if char not in dropped)
+            prime = "".join(char for char in prime if char not in dropped)
+        units = split(prime)
         if not units:
             raise CharRNNError("the prime is empty: give at least one character of the "
                                "vocabulary (or leave --prime out for the most frequent one)")
@@ -593,7 +605,7 @@ class Generator:
 
 def measure_sampling(generator, num_streams=1, seconds=3.0, prime=None):
     """Generated characters per second (all streams together) of generator.stream, after warm-up."""
-    prime = generator.vocab.most_frequent if prime is None else prime
+    prime = default_prime(generator.vocab, generator.hangul_jamo) if prime is None else prime
     generator.generate(prime, generator.chunk_length, num_samples=num_streams, seed=0)  # compile
     count, start = 0, time.perf_counter()
     pieces = generator.stream(prime, length=2 ** 31 - 1, num_samples=num_streams, seed=1)
@@ -652,7 +664,8 @@ def build_parser():
                     "jamo.")
     add_run_arguments(parser)
     parser.add_argument("--prime", metavar="TEXT",
-                        help="text to start from (default: the most frequent character)")
+                        help="text to start from (default: the most frequent character; for a "
+                             "jamo run the most frequent that can start a syllable)")
     parser.add_argument("-n", "--length", type=int,
                         help="characters to generate after the prime (default: 1000)")
     parser.add_argument("--temperature", type=float,
