@@ -178,8 +178,8 @@ def test_flags_on_resume_are_checked_against_the_runs_config_not_the_defaults(tm
     assert config.data.corpus == "corpus.txt"
 
 
-@pytest.mark.parametrize("name, corpus", [("korean", "data/korean/input.txt"),
-                                          ("lecture", "linux_kernel"), ("shakespeare", "shakespeare")])
+@pytest.mark.parametrize("name, corpus", [
+    ("korean", "data/korean/input.txt"), ("lecture", "linux_kernel"), ("shakespeare", "shakespeare")])
 def test_corpus_naming_a_recipe_trains_on_that_recipes_corpus(name, corpus):
     """`--corpus korean` picks configs/korean.yaml; "korean" itself is no corpus."""
     from tf_charrnn.train import build_parser, config_from_args

@@ -129,10 +129,8 @@ _LATIN_ALPHABETS = (
     "äõöüšž",  # Estonian
     "çğıöşü",  # Turkish
 )
-_LATIN_CODE_PAGES = ("cp1252", "cp1250", "cp1257")  # weighed even when the detector omits them;
-# on a tie, the first of them wins
-
-
+# Weighed even when the detector omits them; on a tie, the first of them wins.
+_LATIN_CODE_PAGES = ("cp1252", "cp1250", "cp1257")
 # Typographic marks the Latin code pages hold beside letters (quotes, dashes, ¡ ¿, ordinals).
 _LATIN_MARKS = "\u00a0“”‘’‚„–—…«»‹›¡¿€£¥¢©®™°·•§¶†‡±×÷¹²³ªº"
 

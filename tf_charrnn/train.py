@@ -4,15 +4,15 @@ Shapes: K train steps per compiled call, B batch rows, T seq_length, V vocabular
 
 train(config) reads top to bottom: corpus -> TextLoader -> will it fit in memory -> run directory
 (locked) -> model and optimiser under the distribution strategy's scope -> restore the newest good
-checkpoint -> loop. From the command line a resumed run's config.yaml is the base the flags
-change (config_from_args). The loop feeds K batches at a time to one compiled call that runs K
-steps; the hidden state is carried from batch to batch within an epoch (truncated BPTT over the
-loader's continuing rows) and reset at each epoch. The learning rate is a function of the step, and for the cosine and wsd
-schedules under a time budget (max_seconds) of the share of that budget spent. Checkpoints hold
-everything a resumed run needs to continue exactly: model, optimiser slots, step, epoch, batch
-pointer, carried state, the seconds trained and the smoothed loss; dropout masks are drawn from
-the seed and the step, so a resumed run draws the same ones. TensorFlow is imported inside
-functions, so `--help` and argument errors answer without loading it.
+checkpoint -> loop. From the command line a resumed run's config.yaml is the base the flags change
+(config_from_args). The loop feeds K batches at a time to one compiled call that runs K steps; the
+hidden state is carried from batch to batch within an epoch (truncated BPTT over the loader's
+continuing rows) and reset at each epoch. The learning rate is a function of the step, and for the
+cosine and wsd schedules under a time budget (max_seconds) of the share of that budget spent.
+Checkpoints hold everything a resumed run needs to continue exactly: model, optimiser slots, step,
+epoch, batch pointer, carried state, the seconds trained and the smoothed loss; dropout masks are
+drawn from the seed and the step, so a resumed run draws the same ones. TensorFlow is imported
+inside functions, so `--help` and argument errors answer without loading it.
 """
 
 import contextlib
@@ -867,9 +867,9 @@ def config_from_args(args):
 
     The base is the run's own config.yaml when --run (or --resume) names a run that has a
     checkpoint, so `--run NAME` alone continues it as it was set up; else --config, or
-    configs/<corpus>.yaml (with its own corpus), or the defaults. --config given with an existing run is the base
-    instead of config.yaml; either way a resumed run refuses a change to what its checkpoint
-    holds (see runs.describe_mismatch).
+    configs/<corpus>.yaml (with its own corpus), or the defaults. --config given with an
+    existing run is the base instead of config.yaml; either way a resumed run refuses a change
+    to what its checkpoint holds (see runs.describe_mismatch).
     """
     corpus = getattr(args, "data.corpus")
     if args.config:
