@@ -442,9 +442,9 @@ def finished_limit(step, total_steps, progress, train_config):
     """What a restored run has already spent ("its 600 steps"), or None when it can train on."""
     if step >= total_steps:
         return f"its {total_steps} steps"
-    if train_config.max_seconds and float(progress.seconds_trained.numpy()) >= \
-            train_config.max_seconds:
-        return f"its {train_config.max_seconds:g} seconds (--max-seconds)"
+    budget = train_config.max_seconds
+    if budget and float(progress.seconds_trained.numpy()) >= budget:
+        return f"its {budget:g} seconds (--max-seconds)"
     return None
 
 
