@@ -548,7 +548,8 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(trained, capsys):
     _, run_path = trained
     before = run_files(run_path)
     assert run_cli(train_main, ["--runs-dir", str(run_path.parent), "--run", "r"]) == 0
-    assert "the run has trained its 8 steps: raise" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the run has trained its 8 steps: raise" in out and f"run unchanged: {run_path}" in out
     assert run_files(run_path) == before  # no validation, event file, checkpoint or config
 
 

@@ -916,7 +916,8 @@ def main(argv=None):
         result = train(config, run_name=args.run, resume=args.resume)
         if result.stopped == "interrupted":
             return 130
-        print(f"run saved in {result.run_path} (step {result.step}); sample it with: "
+        done = "saved in" if result.losses else "unchanged:"  # a finished run trains nothing
+        print(f"run {done} {result.run_path} (step {result.step}); sample it with: "
               f"python -m tf_charrnn.sample --run {result.run_path}")
     return 0
 
