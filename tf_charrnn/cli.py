@@ -61,28 +61,31 @@ def add_run_arguments(parser):
                         help="where to look for the most recent run (default: runs)")
 
 
+def drop_stdout():
+    """Point stdout's file descriptor at /dev/null (its reader has gone, `... | head`), so later
+    writes and the interpreter's last flush do not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class _OutputThatOutlivesItsReader:
-    """A stream whose reader may leave (`train ... | head`): from then on what is written goes
+    """sys.stdout, whose reader may leave (`train ... | head`): from then on what is written goes
     to /dev/null instead of raising BrokenPipeError, so a long job carries on and saves."""
 
     def __init__(self, stream):
         self._stream = stream
 
-    def _drop(self):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
-
     def write(self, text):
         try:
             return self._stream.write(text)
         except BrokenPipeError:
-            self._drop()
+            drop_stdout()
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
         except BrokenPipeError:
-            self._drop()
+            drop_stdout()
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

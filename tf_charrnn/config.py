@@ -217,7 +217,7 @@ def apply_overrides(config, overrides):
     return config_from_dict(values)
 
 
-def _is_text_codec(name):
+def is_text_codec(name):
     """A codec that decodes bytes to text (Python's base64, hex and rot13 codecs do not)."""
     try:
         return getattr(codecs.lookup(name), "_is_text_encoding", True)
@@ -242,7 +242,7 @@ def validate(config):
     _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction",
              f"must be in [0, 1), got {data.val_fraction}")
     _require(data.max_bytes is None or data.max_bytes > 0, "data.max_bytes", "must be positive")
-    _require(data.encoding is None or _is_text_codec(data.encoding), "data.encoding",
+    _require(data.encoding is None or is_text_codec(data.encoding), "data.encoding",
              f"must be a text encoding Python knows (e.g. utf-8, cp949, latin-1), got "
              f"'{data.encoding}'")
     _require_choice("model.cell", model.cell, CELL_CHOICES)

@@ -41,7 +41,6 @@ Lengths, positions and the stop string count model characters: jamo, for a jamo 
 """
 
 import functools
-import os
 import random
 import sys
 import time
@@ -49,7 +48,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tf_charrnn.cli import ArgumentParser, add_debug_flag, add_run_arguments, run_cli
+from tf_charrnn.cli import (ArgumentParser, add_debug_flag, add_run_arguments, drop_stdout,
+                            run_cli)
 from tf_charrnn.config import SampleConfig
 from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.memory import available_memory_bytes, check_fits
@@ -758,7 +758,7 @@ def main(argv=None):
     except BrokenPipeError:
         # The reader left (e.g. `| head`): stop quietly, and keep the interpreter's final flush
         # from failing again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        drop_stdout()
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from charset_normalizer import from_bytes
 
+from tf_charrnn.config import is_text_codec
 from tf_charrnn.errors import CharRNNError, UsageError
 
 # Byte-order marks, longest first: the UTF-32-LE mark starts with the UTF-16-LE one.
@@ -67,10 +68,9 @@ _COMPOSE_RE = re.compile(
 def _codec_name(encoding):
     """The codec's canonical name; LookupError for a name that is not a text encoding (Python's
     base64, hex and rot13 codecs are bytes-to-bytes or str-to-str and cannot decode a file)."""
-    info = codecs.lookup(encoding)
-    if not getattr(info, "_is_text_encoding", True):
+    if not is_text_codec(encoding):
         raise LookupError(encoding)
-    return info.name
+    return codecs.lookup(encoding).name
 
 
 def _strict_decode(raw, encoding, name):
@@ -148,10 +148,10 @@ def _plausible_share(reading, counts):
                for alphabet in _LATIN_ALPHABETS) / sum(counts)
 
 
-def _ambiguity(name, readings, codecs_, present_index):
+def _ambiguity(name, readings, codecs_):
     """The one-line error for two codecs that read the file's letters differently."""
     (first, first_text), (second, second_text) = zip(codecs_, readings)
-    differ = [i for i in present_index if first_text[i] != second_text[i]][:5]
+    differ = [i for i, (a, b) in enumerate(zip(first_text, second_text)) if a != b][:5]
     return CharRNNError(
         f"{name} reads as {' '.join(first_text[i] for i in differ)} in {first} and as "
         f"{' '.join(second_text[i] for i in differ)} in {second}, and the detector cannot tell "
@@ -166,12 +166,11 @@ def _preferred(codecs_):
                                               if codec in _PREFERRED_EQUIVALENTS else 99))
 
 
-def _latin_reading(name, matches, best, present, counts):
+def _latin_reading(name, matches, best, best_reading, present, counts):
     """For a file the detector reads as Latin letters: the codecs giving the reading whose
     accented letters fit one language best, commonest name first; None where that does not apply
     (no accented letter, a reading not in Latin script, a multi-byte codec). Readings that fit
     equally well but give other letters are an error naming two of them."""
-    best_reading = _byte_readings(best.encoding, present)
     if best_reading is None or not _is_latin(best_reading):
         return None
     readings = {}
@@ -194,15 +193,13 @@ def _latin_reading(name, matches, best, present, counts):
         letters = [tuple(char if char.isalpha() else None for char in reading)
                    for reading in tops[:2]]
         if letters[0] != letters[1]:
-            raise _ambiguity(name, tops[:2], [_preferred(readings[r])[0] for r in tops[:2]],
-                             range(len(present)))
+            raise _ambiguity(name, tops[:2], [_preferred(readings[r])[0] for r in tops[:2]])
     return _preferred(readings[tops[0]])
 
 
-def _same_reading_as_best(name, matches, best, present):
+def _same_reading_as_best(name, matches, best, best_reading, present):
     """The detector's guesses that score as well as the best one and read the file as it does;
     tied guesses that read it differently are an error naming both (nothing here can tell)."""
-    best_reading = _byte_readings(best.encoding, present)
     same = [best.encoding, *best.could_be_from_charset]
     for match in matches:
         if match is best or (match.chaos, match.coherence) != (best.chaos, best.coherence):
@@ -212,8 +209,7 @@ def _same_reading_as_best(name, matches, best, present):
             continue  # a multi-byte codec: left to the detector's order
         if reading != best_reading:
             raise _ambiguity(name, [best_reading, reading],
-                             [_preferred(same)[0], _preferred(match.could_be_from_charset)[0]],
-                             range(len(present)))
+                             [_preferred(same)[0], _preferred(match.could_be_from_charset)[0]])
         same += match.could_be_from_charset
     return _preferred(dict.fromkeys(same))
 
@@ -233,8 +229,9 @@ def _detected_candidates(raw, name="input"):
         all_counts = np.bincount(np.frombuffer(raw, np.uint8), minlength=256)
         present = [value for value in range(128, 256) if all_counts[value]]
         counts = [int(all_counts[value]) for value in present]
-        candidates += (_latin_reading(name, matches, best, present, counts)
-                       or _same_reading_as_best(name, matches, best, present))
+        best_reading = _byte_readings(best.encoding, present)
+        candidates += (_latin_reading(name, matches, best, best_reading, present, counts)
+                       or _same_reading_as_best(name, matches, best, best_reading, present))
     candidates.append(best.encoding)
     candidates += [match.encoding for match in matches]
     return list(dict.fromkeys(candidates))
@@ -245,7 +242,7 @@ _NON_ASCII = re.compile("[^\x00-\x7f]")
 _DAMAGE_WINDOW = 2 ** 19  # bytes read either side of the first bad one
 
 
-def _refuse_damaged_utf8(raw, name, first_bad_offset):
+def _refuse_damaged_utf8(raw, name, first_bad_offset, first_bad):
     """UTF-8 text with a few bad bytes (a cut or a bit flip) is not in some other encoding: a
     single-byte codec would read every accented letter in it as two wrong ones. Around its first
     bad byte such a file has more well-formed multi-byte UTF-8 characters than bad bytes, which a
@@ -262,9 +259,8 @@ def _refuse_damaged_utf8(raw, name, first_bad_offset):
     well_formed = len(_NON_ASCII.findall(text)) - bad
     if well_formed > bad:
         raise CharRNNError(
-            f"{name} is UTF-8 with bad bytes (byte 0x{raw[first_bad_offset]:02x} at offset "
-            f"{first_bad_offset} is not UTF-8): repair the file, or pass --encoding if it is in "
-            f"another encoding (e.g. cp949, shift_jis or latin-1)"
+            f"{name} is UTF-8 with bad bytes ({first_bad}): repair the file, or pass --encoding "
+            f"if it is in another encoding (e.g. cp949, shift_jis or latin-1)"
         )
 
 
@@ -295,8 +291,8 @@ def decode_bytes(raw: bytes, encoding: str | None = None, name: str = "input") -
     try:
         return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError as error:
-        _refuse_damaged_utf8(raw, name, error.start)
         not_utf8 = f"byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8"
+        _refuse_damaged_utf8(raw, name, error.start, not_utf8)
     for codec in _detected_candidates(raw, name):
         try:
             return raw.decode(codec), _codec_name(codec)
