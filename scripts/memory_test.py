@@ -177,10 +177,12 @@ def main(argv=None):
         child(args.phase, Path(args.corpus), Path(args.workdir), args.steps)
         return 0
 
+    from tf_charrnn.data import cache_paths
+
     with tempfile.TemporaryDirectory(prefix="memory_test.") as scratch:
         workdir = Path(args.workdir or scratch)
         corpus = workdir / "corpus" / "input.txt"
-        for stale in (corpus.with_name("data.npy"), corpus.with_name("vocab.json")):
+        for stale in cache_paths(corpus):
             stale.unlink(missing_ok=True)  # the first load must build the cache
         began = time.perf_counter()
         make_corpus(corpus, args.size_mb)

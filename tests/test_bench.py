@@ -1,5 +1,6 @@
 """The benchmark's FLOP accounting against the performance issue's figures, and one short run."""
 
+import importlib.util
 import json
 import types
 
@@ -86,3 +87,36 @@ def test_the_budget_run_trains_with_the_given_dropout(tmp_path, monkeypatch):
     assert result == {"val_loss_at_budget": 1.5, "steps_at_budget": 7, "epochs_at_budget": 1,
                       "val_dropout": 0.1, "val_schedule": "exponential"}
     assert cosine["val_schedule"] == "cosine" and cosine_config.model.dropout == 0.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seconds", "inf"], "--seconds must be a positive number of seconds, got inf"),
+    (["--seconds", "nan"], "--seconds must be a positive number of seconds, got nan"),
+    (["--val-budget", "-1"], "--val-budget must be a positive number of seconds, got -1.0"),
+    (["--preprocess-mb", "nan"], r"--preprocess-mb must be 0 \(skip\) or at least 1, got nan"),
+    (["--preprocess-mb", "1e-7"], r"--preprocess-mb must be 0 \(skip\) or at least 1"),
+    (["--steps-per-call", "0"], "--steps-per-call must be at least 1, got 0"),
+])
+def test_values_that_would_fail_later_are_refused_first(flags, message, monkeypatch):
+    monkeypatch.setattr(bench, "bench_recipe", lambda *args: pytest.fail("measured"))
+    with pytest.raises(UsageError, match=message):
+        bench.main(["--recipe", "lecture"] + flags)
+
+
+def test_an_unwritable_json_path_is_refused_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "bench_recipe", lambda *args: pytest.fail("measured"))
+    with pytest.raises(UsageError, match="its directory does not exist"):
+        bench.main(["--recipe", "lecture", "--json", str(tmp_path / "no" / "b.json")])
+    with pytest.raises(UsageError, match="is a directory"):
+        bench.main(["--recipe", "lecture", "--json", str(tmp_path)])
+
+
+def test_vs_torch_without_torch_says_so_before_measuring(tmp_path, monkeypatch):
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("some text\n" * 100)
+    monkeypatch.setattr(bench, "bench_recipe", lambda *args: pytest.fail("measured"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
+        None if name == "torch" else real_find_spec(name, *args)))
+    with pytest.raises(CharRNNError, match="--vs-torch needs PyTorch: pip install torch"):
+        bench.main(["--recipe", "lecture", "--vs-torch", "--corpus", str(tmp_path)])

@@ -84,3 +84,17 @@ def test_bad_yaml_names_the_file_and_line(tmp_path):
 def test_missing_config_file():
     with pytest.raises(UsageError, match="config file nowhere.yaml not found"):
         load_config(Path("nowhere.yaml"))
+
+
+def test_every_override_is_type_checked_even_one_a_later_one_replaces():
+    """`--set model.hidden_size=[1,2] --hidden-size 16`: the flag wins, but the typo is named."""
+    with pytest.raises(UsageError, match=r"model.hidden_size must be int, got \[1, 2\]"):
+        apply_overrides(Config(), [("model", "hidden_size", [1, 2]),
+                                   ("model", "hidden_size", 16)])
+
+
+@pytest.mark.parametrize("section, field", [("train", "runs_dir"), ("data", "data_dir"),
+                                            ("data", "corpus")])
+def test_empty_paths_are_refused(section, field):
+    with pytest.raises(UsageError, match=f"{section}.{field} must not be empty"):
+        apply_overrides(Config(), [(section, field, " ")])

@@ -409,3 +409,8 @@ def test_real_uapi_headers_build_when_this_machine_has_them(tmp_path, monkeypatc
     text = path.read_text(encoding="utf-8")
     assert 100_000 <= len(text) <= 200_000
     assert "#define" in text
+
+
+def test_a_corpus_under_an_unknown_users_home_is_one_error(tmp_path):
+    with pytest.raises(CharRNNError, match="no such user's home directory; give the path in full"):
+        resolve_corpus("~no_such_user_here/x.txt", tmp_path)

@@ -103,7 +103,8 @@ def test_dataset_view_yields_the_same_batches(tiny_corpus):
 def test_cache_is_written_and_reused_memory_mapped(tiny_corpus):
     TextLoader(tiny_corpus, batch_size=2, seq_length=5)
     data_path, vocab_path = cache_paths(tiny_corpus)
-    assert data_path.name == "data.npy" and vocab_path.name == "vocab.json"
+    assert data_path.name == f"{tiny_corpus.name}.data.npy"
+    assert vocab_path.name == f"{tiny_corpus.name}.vocab.json"
     assert data_path.is_file() and vocab_path.is_file()
     loader = TextLoader(tiny_corpus, batch_size=2, seq_length=5)
     assert isinstance(loader.ids, np.memmap)
@@ -182,3 +183,26 @@ def test_bad_corpus_files_get_one_line_errors(tmp_path, content, message):
 def test_missing_corpus_file(tmp_path):
     with pytest.raises(CharRNNError, match="not found"):
         TextLoader(tmp_path / "nope.txt", batch_size=2, seq_length=5)
+
+
+def test_another_tools_cache_beside_input_txt_is_never_touched(tmp_path):
+    """char-rnn tools keep data.npy (and vocab files) beside input.txt; ours has its own names."""
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("hello world\n" * 50, encoding="utf-8")
+    theirs = {tmp_path / "data.npy": b"their ids", tmp_path / "vocab.json": b'{"my": "vocab"}'}
+    for path, content in theirs.items():
+        path.write_bytes(content)
+    TextLoader(corpus, batch_size=2, seq_length=5)
+    assert all(path.read_bytes() == content for path, content in theirs.items())
+    assert all(path.is_file() for path in cache_paths(corpus))
+
+
+@pytest.mark.parametrize("content", ["null", '["a", "b"]', "3"])
+def test_a_cache_vocab_that_is_no_json_object_is_rebuilt(tiny_corpus, content):
+    TextLoader(tiny_corpus, batch_size=2, seq_length=5)
+    _, vocab_path = cache_paths(tiny_corpus)
+    vocab_path.write_text(content)
+    messages = []
+    loader = TextLoader(tiny_corpus, batch_size=2, seq_length=5, log=messages.append)
+    assert any("holds no JSON object" in message for message in messages)
+    assert loader.vocab.decode(loader.ids) == tiny_corpus.read_text(encoding="utf-8")

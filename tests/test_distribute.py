@@ -13,6 +13,7 @@ that a wrong split of rows or state would move the loss visibly.
 """
 
 import json
+import signal
 import os
 import socket
 import subprocess
@@ -67,8 +68,8 @@ def train_and_record(config, out_path, **train_kwargs):
     record = {"steps": [], "losses": [], "weights": [], "replicas": [], "chief": []}
     make_strategy, make_train_call = trainer.make_strategy, trainer.make_train_call
 
-    def recording_strategy(name):
-        strategy = make_strategy(name)
+    def recording_strategy(name, **kwargs):
+        strategy = make_strategy(name, **kwargs)
         record["replicas"].append(strategy.num_replicas_in_sync)
         record["chief"].append(trainer.is_chief(strategy))
         return strategy
@@ -390,3 +391,147 @@ def test_gpu_check_measures_and_tabulates_on_the_cpu_when_asked():
 if __name__ == "__main__":
     children = {"mirrored": child_mirrored, "worker": child_worker}
     children[sys.argv[1]](*sys.argv[2:])
+
+
+# --- TF_CONFIG, start-up and a lost worker -------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ('{"cluster": ', "TF_CONFIG is not JSON"),
+    ("{}", 'TF_CONFIG has no "cluster" with a "worker" list'),
+    ("[1, 2]", 'TF_CONFIG has no "cluster" with a "worker" list'),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}}', "TF_CONFIG's task null is not one of its"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 5}}',
+     r'with i from 0 to 1'),
+    ('{"cluster": {"worker": ["a:1"], "ps": ["c:3"]}, "task": {"type": "worker", "index": 0}}',
+     "cluster has ps tasks, which multi_worker does not use"),
+    ('{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}}',
+     "must be a list of \"host:port\" addresses"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}}',
+     '"evaluator".* is not one of its cluster'),
+])
+def test_a_bad_tf_config_is_one_usage_error(text, message):
+    from tf_charrnn.cluster import read_tf_config
+    from tf_charrnn.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        read_tf_config(text)
+
+
+def test_a_good_tf_config_names_the_task():
+    from tf_charrnn.cluster import read_tf_config
+
+    text = '{"cluster": {"chief": ["h:1"], "worker": ["h:2", "[::1]:3"]}, "task": {"type": "worker", "index": 1}}'
+    assert read_tf_config(text) == ({"chief": ["h:1"], "worker": ["h:2", "[::1]:3"]}, "worker", 1)
+
+
+def test_workers_that_differ_in_a_setting_are_told_which(tiny_corpus):
+    """Each worker sees every worker's fingerprints; the first setting that differs is named."""
+    from tf_charrnn.cluster import _fingerprint, check_workers_share_settings, shared_settings
+    from tf_charrnn.data import Vocab
+    from tf_charrnn.errors import CharRNNError
+
+    config = tiny_config(tiny_corpus, "runs", "multi_worker", 5)
+    mine = shared_settings(config, "abc", Vocab("ab"))
+    other = shared_settings(apply_overrides(config, [("train", "learning_rate", 0.5)]), "abc",
+                            Vocab("ab"))
+    assert "data.corpus" not in mine and "train.runs_dir" not in mine  # per host
+    both = np.array([[_fingerprint(v) for v in mine.values()],
+                     [_fingerprint(v) for v in other.values()]], np.float64)
+    check_workers_share_settings(lambda values: both[:1], mine)  # alone: nothing to differ
+    with pytest.raises(CharRNNError, match=r"workers differ in train.learning_rate \(this "
+                                           r"worker: 0.05\): start every worker with the same"):
+        check_workers_share_settings(lambda values: both, mine)
+    corpus = shared_settings(config, "other sha", Vocab("ab"))
+    both[1] = [_fingerprint(v) for v in corpus.values()]
+    with pytest.raises(CharRNNError, match=r"differ in the corpus \(its sha256\)"):
+        check_workers_share_settings(lambda values: both, mine)
+
+
+def start_cli_workers(corpus, runs_dir, tmp_path, name, extra=((), ()), count=2):
+    """`python -m tf_charrnn.train` as each worker of a cluster on 127.0.0.1: (processes, logs)."""
+    ports = free_ports(count)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    processes, logs = [], []
+    for index in range(count):
+        logs.append(tmp_path / f"{name}{index}.log")
+        command = [sys.executable, "-m", "tf_charrnn.train", "--corpus", str(corpus),
+                   "--runs-dir", str(runs_dir), "--run", "run", "--strategy", "multi_worker",
+                   "--batch-size", "4", "--seq-length", "8", "--hidden-size", "8",
+                   "--embedding-size", "8", "--val-fraction", "0", *extra[index]]
+        env = child_env(TF_CONFIG=json.dumps({"cluster": cluster,
+                                              "task": {"type": "worker", "index": index}}))
+        with open(logs[-1], "wb") as handle:
+            processes.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                              env=env, cwd=REPO))
+    return processes, logs
+
+
+def wait_all(processes, logs, timeout=CHILD_TIMEOUT):
+    try:
+        for process in processes:
+            process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"children still running after {timeout} s:\n" + tails(logs))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return [process.returncode for process in processes]
+
+
+def error_lines(log):
+    return [line for line in Path(log).read_text(errors="replace").splitlines()
+            if line.startswith(("error:", "Traceback"))]
+
+
+def test_workers_started_with_different_settings_refuse_before_writing(tiny_corpus, tmp_path):
+    processes, logs = start_cli_workers(
+        tiny_corpus, tmp_path / "runs", tmp_path, "differ",
+        extra=(["--max-steps", "5", "--learning-rate", "0.01"],
+               ["--max-steps", "5", "--learning-rate", "0.05"]))
+    assert wait_all(processes, logs) == [1, 1], tails(logs)
+    for log, rate in zip(logs, ("0.01", "0.05")):
+        assert error_lines(log) == [f"error: the cluster's workers differ in train.learning_rate "
+                                    f"(this worker: {rate}): start every worker with the same "
+                                    f"flags, config and corpus"], tails(logs)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_stops_a_worker_waiting_for_the_others(tiny_corpus, tmp_path):
+    """Worker 0 alone waits inside TensorFlow's start-up, where Python's own Ctrl-C handler
+    cannot run; the default action still stops it (before anything is written)."""
+    processes, logs = start_cli_workers(tiny_corpus, tmp_path / "runs", tmp_path, "alone",
+                                        count=2)
+    processes[1].kill()  # the other worker never comes
+    processes[1].wait()
+    deadline = time.monotonic() + 60
+    while "waiting for the cluster's 2 workers" not in logs[0].read_text(errors="replace"):
+        assert time.monotonic() < deadline and processes[0].poll() is None, tails(logs)
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the constructor's wait
+    processes[0].send_signal(signal.SIGINT)
+    assert wait_all(processes[:1], logs[:1], timeout=30) == [-signal.SIGINT], tails(logs)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_worker_that_dies_leaves_the_other_one_line(tiny_corpus, tmp_path):
+    from tf_charrnn.runs import Run
+
+    several = ["--max-steps", "100000", "--checkpoint-every", "20", "--log-every", "10",
+               "--steps-per-call", "10"]
+    processes, logs = start_cli_workers(tiny_corpus, tmp_path / "runs", tmp_path, "lost",
+                                        extra=(several, several))
+    run = Run(tmp_path / "runs" / "run")
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    while not (run.exists() and run.checkpoints.complete()):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), \
+            tails(logs)
+        time.sleep(0.2)
+    processes[1].kill()
+    codes = wait_all(processes, logs)
+    assert codes[0] == 1, tails(logs)
+    [line] = error_lines(logs[0])
+    assert line.startswith("error: lost contact with another worker of the cluster (")
+    assert "the run's newest checkpoint is step " in line and "start every worker again" in line
+    assert run.checkpoints.complete()

@@ -421,3 +421,30 @@ def test_overrides_reach_the_saved_config(tiny_corpus, tmp_path):
     saved = Run(tmp_path / "runs" / "o").read_config()
     assert saved.train.learning_rate == 0.01 and saved.model.cell == "gru"
     assert saved.model.hidden_size == 8 and saved.train.max_steps == 2
+
+
+def test_a_recipe_prime_the_vocabulary_lacks_does_not_stop_training(tiny_corpus, tmp_path):
+    """The linux_kernel recipe's '/*' on a corpus without '/' or '*': the samples during
+    training start from the default prime, said once, and every checkpoint is written."""
+    messages = []
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 6),
+                         ("train", "sample_every", 2), ("train", "checkpoint_every", 2),
+                         ("train", "sample_length", 5), ("sample", "prime", "/*"))
+    result = train(config, run_name="prime", log=messages.append, show_progress=False)
+    assert result.step == 6
+    warnings = [m for m in messages if "sample.prime has characters not in the vocabulary" in m]
+    assert len(warnings) == 1 and "'/' '*'" in warnings[0]
+    assert sum("--- sample at step" in m for m in messages) == 3
+    assert [info.step for info in Run(result.run_path).checkpoints.complete()] == [6, 4, 2]
+
+
+def test_the_logged_rate_leaves_out_the_compiling_calls(tiny_corpus, tmp_path):
+    """The first call of each size K traces and compiles; a rate over it would be a fraction of
+    the steady one, so the first logged point is the first call after it."""
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 4),
+                         ("train", "log_every", 1), ("train", "steps_per_call", 1))
+    result = train(config, run_name="rate", log=lambda *args: None, show_progress=False)
+    scalars, _ = read_scalars(result.run_path)
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [step for step, _ in scalars["chars_per_sec"]] == [2, 3, 4]
+    assert all(value > 0 for _, value in scalars["chars_per_sec"])

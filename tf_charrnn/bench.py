@@ -26,7 +26,9 @@ For each recipe (lecture, medium, large, gru, min_char_rnn) it measures, in one 
 a child process, and prints tf_charrnn / PyTorch ratios measured in the same run.
 """
 
+import importlib.util
 import json
+import math
 import os
 import resource
 import statistics
@@ -44,6 +46,7 @@ from tf_charrnn.errors import CharRNNError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_PEER = REPO / "benchmarks" / "torch_peer.py"
+TORCH_MISSING = "--vs-torch needs PyTorch: pip install torch==2.13.0 (a CPU build will do)"
 SHARED_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 VOCAB_SIZE = 65  # tiny-shakespeare's
 
@@ -295,8 +298,7 @@ def run_torch_peer(recipe, seconds, val_budget, corpus_path, val_dropout=0.0):
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             if "No module named 'torch'" in done.stderr:
-                raise CharRNNError("--vs-torch needs PyTorch: pip install torch==2.13.0 (a CPU "
-                                   "build will do)")
+                raise CharRNNError(TORCH_MISSING)
             raise CharRNNError(f"the PyTorch peer failed: {last}")
         return json.loads(out.read_text())[recipe]
 
@@ -401,16 +403,45 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    for name in ("seconds", "sample_seconds", "matmul_seconds"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+def check_arguments(args):
+    """Refuse, before anything is measured, what would fail (or never end) later."""
+    for name in ("seconds", "sample_seconds", "matmul_seconds", "val_budget"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds, "
+                             f"got {value}")
     if not 0.0 <= args.val_dropout < 1.0:
         raise UsageError(f"--val-dropout must be in [0, 1), got {args.val_dropout}")
+    if not (args.preprocess_mb == 0 or 1 <= args.preprocess_mb < math.inf):
+        raise UsageError(f"--preprocess-mb must be 0 (skip) or at least 1, got "
+                         f"{args.preprocess_mb}")
+    if args.steps_per_call is not None and args.steps_per_call < 1:
+        raise UsageError(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
+    if Path(args.corpus).is_dir():  # the classic layout: a directory holding input.txt
+        args.corpus = str(Path(args.corpus) / "input.txt")
     if (args.val_budget or args.vs_torch) and not Path(args.corpus).is_file():
         needs = "--val-budget" if args.val_budget else "--vs-torch"
         raise CharRNNError(f"{needs} needs a corpus: {args.corpus} not found; pass --corpus")
+    if args.vs_torch and importlib.util.find_spec("torch") is None:
+        raise CharRNNError(TORCH_MISSING)
+    if args.json:
+        check_writable_file(Path(args.json), "--json")
+
+
+def check_writable_file(path, flag):
+    """Fail unless path can be written (a file, new or existing, in a writable directory)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir():
+        problem = "is a directory" if path.is_dir() else "its directory does not exist"
+        raise UsageError(f"{flag} {path}: {problem}; give a file path in an existing directory")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise CharRNNError(f"{flag} {path} cannot be written (permission denied): give a path "
+                           f"you can write")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
     results = []
     for name in args.recipe or list(SIZES):
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
@@ -433,7 +464,11 @@ def main(argv=None):
               f"{summary['preprocess_peak_rss_mb']:.0f} MB")
     print(f"benchmark process peak RSS {summary['peak_rss_mb']:.0f} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+        try:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
+        except OSError as error:  # the table above holds the figures
+            raise CharRNNError(f"cannot write --json {args.json} ({error.strerror}); the table "
+                               f"above has the figures") from None
     return 0
 
 

@@ -213,6 +213,7 @@ def apply_overrides(config, overrides):
         if section not in values:
             raise UsageError(f"unknown config section '{section}': known sections are "
                              f"{', '.join(SECTIONS)}")
+        _section_from_dict(section, {field: value})  # its type, even if a later one replaces it
         values[section][field] = value
     return config_from_dict(values)
 
@@ -237,6 +238,9 @@ def _require_choice(key, value, choices):
 def validate(config):
     """Check ranges and named options; raise UsageError naming the first bad field."""
     data, model, train, sample = config.data, config.model, config.train, config.sample
+    for key, path in (("data.corpus", data.corpus), ("data.data_dir", data.data_dir),
+                      ("train.runs_dir", train.runs_dir)):
+        _require(path.strip() != "", key, "must not be empty: give a name or a path")
     _require(data.batch_size > 0, "data.batch_size", f"must be positive, got {data.batch_size}")
     _require(data.seq_length > 0, "data.seq_length", f"must be positive, got {data.seq_length}")
     _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction",

@@ -64,6 +64,15 @@ MANIFEST_FORMAT = 1
 _CHUNK = 1 << 20
 
 
+def user_path(text, what):
+    """Path(text) with a leading ~ or ~user expanded; an unknown user is a CharRNNError."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~user of no user on this machine
+        raise CharRNNError(f"{what} {text}: no such user's home directory; give the path in "
+                           f"full") from None
+
+
 def resolve_corpus(corpus: str, data_dir, *, source=None, max_bytes=None, url=None,
                    log=print) -> Path:
     """The text file for `corpus`: a known corpus name, a file, or a directory with input.txt.
@@ -83,7 +92,7 @@ def resolve_corpus(corpus: str, data_dir, *, source=None, max_bytes=None, url=No
     if corpus == "shakespeare":
         return fetch_shakespeare(data_dir, url=url, log=log)
 
-    path = Path(corpus).expanduser()
+    path = user_path(corpus, "the corpus")
     if path.is_dir():
         if not (path / "input.txt").is_file():
             raise CharRNNError(f"directory {path} has no input.txt: put your text in "
@@ -197,7 +206,7 @@ def _uapi_roots():
 def _find_kernel_source(source):
     """Pick the linux_kernel source: --source, else linux-source, else the UAPI headers."""
     if source is not None:
-        path = Path(source).expanduser()
+        path = user_path(source, "--source")
         if path.is_dir():
             return _KernelSource("directory", str(path.resolve()), roots=[path])
         if path.is_file() and _is_tarball(path):
@@ -383,8 +392,8 @@ def build_linux_kernel(data_dir, source=None, max_bytes=None, log=print) -> Path
 
 def _as_url(url):
     """Accept a plain local path where a URL is expected."""
-    if "://" not in url and Path(url).expanduser().exists():
-        return Path(url).expanduser().resolve().as_uri()
+    if "://" not in url and user_path(url, "--url").exists():
+        return user_path(url, "--url").resolve().as_uri()
     return url
 
 

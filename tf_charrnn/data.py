@@ -141,10 +141,9 @@ class Vocab:
 
 
 def cache_paths(input_path):
-    """Where the id cache of input_path lives: data.npy + vocab.json beside input.txt."""
+    """Where the id cache of input_path lives: <name>.data.npy + <name>.vocab.json beside it
+    (input.txt.data.npy for input.txt: not data.npy, which other char-rnn tools keep there)."""
     input_path = Path(input_path)
-    if input_path.name == "input.txt":
-        return input_path.with_name("data.npy"), input_path.with_name("vocab.json")
     return (input_path.with_name(input_path.name + ".data.npy"),
             input_path.with_name(input_path.name + ".vocab.json"))
 
@@ -224,6 +223,8 @@ class CorpusIds:
             return None
         try:
             meta = json.loads(vocab_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"{vocab_path.name} holds no JSON object")
             if meta.get("cache_key") != key:
                 return None  # stale: other input bytes or other options
             vocab = Vocab.from_dict(meta)

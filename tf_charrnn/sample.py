@@ -395,6 +395,14 @@ def default_prime(vocab, hangul_jamo=False):
     return vocab.most_frequent
 
 
+def known_prime(prime, vocab, hangul_jamo=False):
+    """(the prime without the characters the vocabulary lacks, those characters once each in
+    order); for a jamo run a syllable counts as lacking when one of its jamo is."""
+    split = decompose_hangul if hangul_jamo else (lambda char: char)
+    missing = [char for char in dict.fromkeys(prime) if vocab.unknown_chars(split(char))]
+    return "".join(char for char in prime if char not in set(missing)), missing
+
+
 def check_sampling_options(length=1000, temperature=1.0, top_k=0, top_p=1.0, num_samples=1,
                            stop=None, unknown="error"):
     """Raise UsageError naming the first option out of range."""
@@ -475,17 +483,14 @@ class Generator:
         """
         if prime is None:
             prime = default_prime(self.vocab, self.hangul_jamo)
-        split = decompose_hangul if self.hangul_jamo else (lambda char: char)
-        missing = [char for char in dict.fromkeys(prime) if self.vocab.unknown_chars(split(char))]
+        prime, missing = known_prime(prime, self.vocab, self.hangul_jamo)
         if missing:
             listed = " ".join(map(repr, missing))
             if unknown == "error":
                 raise CharRNNError(f"the prime has characters not in the run's vocabulary: "
                                    f"{listed}; remove them or pass --unknown skip")
             self.log(f"warning: dropping prime characters not in the vocabulary: {listed}")
-            dropped = set(missing)
-            prime = "".join(char for char in prime if char not in dropped)
-        units = split(prime)
+        units = decompose_hangul(prime) if self.hangul_jamo else prime
         if not units:
             raise CharRNNError("the prime is empty: give at least one character of the "
                                "vocabulary (or leave --prime out for the most frequent one)")

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from tf_charrnn import cli
+from tf_charrnn.cluster import (check_workers_agree, check_workers_share_settings, is_chief,
+                                is_multi_worker, lost_worker_error, make_strategy,
+                                make_worker_gather, shared_settings)
 from tf_charrnn.config import (CONFIGS_DIR, Config, TrainConfig, apply_overrides, load_config,
                                parse_override, recipe_path)
 from tf_charrnn.errors import CharRNNError, UsageError
@@ -122,63 +125,6 @@ def training_memory_bytes(config: Config, vocab_size):
     return 4 * (weights + data.batch_size * data.seq_length * per_char)
 
 
-# --- distribution --------------------------------------------------------------------------------
-
-def make_strategy(name):
-    """A tf.distribute strategy for `train.strategy`."""
-    import tensorflow as tf
-
-    if name == "multi_worker":
-        # Before anything else touches the devices: collective ops are configured at start-up.
-        if not os.environ.get("TF_CONFIG"):
-            raise UsageError("strategy multi_worker needs the TF_CONFIG environment variable "
-                             "describing the cluster: see the README's 'Scale out' section")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    from tf_charrnn.tfenv import visible_gpus
-
-    gpus = visible_gpus()
-    if name == "auto":
-        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-    if name == "mirrored":
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    raise UsageError(f"unknown train.strategy {name!r}: choose auto, one_device, mirrored or "
-                     f"multi_worker")
-
-
-def is_chief(strategy):
-    """Only the chief writes checkpoints, events and samples."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    return task_type == "chief" or (task_type == "worker" and task_id == 0 and
-                                    "chief" not in resolver.cluster_spec().as_dict())
-
-
-def make_worker_gather(strategy):
-    """A function: this worker's float values [n] -> every worker's, [workers, n] (a collective
-    call, so every worker must make it at the same point)."""
-    import tensorflow as tf
-
-    @tf.function
-    def gather(local):
-        return strategy.gather(strategy.run(tf.identity, (local[tf.newaxis],)), axis=0)
-
-    return lambda values: gather(tf.constant(values, tf.float64)).numpy()
-
-
-def check_workers_agree(strategy, step, run_path):
-    """Fail on every worker unless all of them start from the same step (a collective call)."""
-    steps = [int(value) for value in make_worker_gather(strategy)([step])[:, 0]]
-    if len(set(steps)) > 1:
-        raise CharRNNError(f"the workers start from different steps ({', '.join(map(str, steps))}):"
-                           f" every worker must read the chief's run {run_path}, so give them one "
-                           f"shared runs_dir")
-
-
 # --- the compiled step ---------------------------------------------------------------------------
 
 class TrainProgress:
@@ -232,6 +178,18 @@ def sequence_loss(logits, targets, reduction_size):
     return tf.reduce_sum(losses) / reduction_size
 
 
+def check_replicas(config: Config, replicas):
+    """Refuse settings that cannot be split over the strategy's replicas."""
+    batch_size = config.data.batch_size
+    if batch_size % replicas:
+        raise UsageError(f"data.batch_size {batch_size} must be a multiple of the "
+                         f"{replicas} replicas: each replica owns batch_size / replicas rows")
+    if config.train.jit_compile and replicas > 1:
+        # XLA compiles the whole call for one device; it cannot reach the other replicas' copies.
+        raise UsageError(f"train.jit_compile works on one device only, not on {replicas} "
+                         f"replicas: drop it or use --strategy one_device")
+
+
 def make_train_call(model, optimizer, progress, strategy, config: Config):
     """A compiled function running K train steps: (xs [K, B, T], ys [K, B, T]) -> stats.
 
@@ -246,13 +204,7 @@ def make_train_call(model, optimizer, progress, strategy, config: Config):
     train = config.train
     batch_size, seq_length = config.data.batch_size, config.data.seq_length
     replicas = strategy.num_replicas_in_sync
-    if batch_size % replicas:
-        raise UsageError(f"data.batch_size {batch_size} must be a multiple of the "
-                         f"{replicas} replicas: each replica owns batch_size / replicas rows")
-    if train.jit_compile and replicas > 1:
-        # XLA compiles the whole call for one device; it cannot reach the other replicas' copies.
-        raise UsageError(f"train.jit_compile works on one device only, not on {replicas} "
-                         f"replicas: drop it or use --strategy one_device")
+    check_replicas(config, replicas)
     rows = batch_size // replicas
     # mean: per-character mean (the lecture); sum_over_time: min-char-rnn's chunk sum per row.
     loss_denominator = float(batch_size * seq_length if train.loss_reduction == "mean"
@@ -410,6 +362,7 @@ class TrainResult:
     losses: list          # the training loss of every step run by this call of train()
     val_loss: float       # the last validation loss, nan if none was measured
     stopped: str          # "done", "interrupted" or "nan"
+    chief: bool = True    # False on a cluster's other workers, which write nothing
 
 
 class _StopFlag:
@@ -485,9 +438,12 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
     from tf_charrnn.tfenv import visible_gpus
 
     data, train_config = config.data, config.train
-    strategy = make_strategy(train_config.strategy)
+    strategy = make_strategy(train_config.strategy, log=log)
     chief = is_chief(strategy)
     say = log if chief else (lambda *args, **kwargs: None)
+    check_replicas(config, strategy.num_replicas_in_sync)
+    # Every worker calls it at the same points: the settings check, the step check, the loop.
+    worker_gather = make_worker_gather(strategy) if is_multi_worker(strategy) else None
 
     input_path = resolve_corpus(data.corpus, Path(data.data_dir), source=data.source,
                                 max_bytes=data.max_bytes, url=data.url, log=say)
@@ -495,6 +451,8 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
     vocab = loader.vocab
     corpus = {"path": str(input_path), "sha256": loader.sha256, "encoding": loader.encoding,
               "num_chars": int(len(loader.ids))}
+    if worker_gather is not None:
+        check_workers_share_settings(worker_gather, shared_settings(config, loader.sha256, vocab))
 
     if not visible_gpus():  # on a GPU the weights and activations are in its memory, not here
         check_fits(training_memory_bytes(config, len(vocab)),
@@ -554,9 +512,9 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
                 say(f"the run has trained {spent}: raise --epochs, --max-steps or --max-seconds "
                     f"to train it further")
                 return TrainResult(run_path, step, int(progress.epoch.numpy()), [],
-                                   info.metrics.get("val_loss", float("nan")), "done")
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            check_workers_agree(strategy, int(optimizer.iterations.numpy()), run_path)
+                                   info.metrics.get("val_loss", float("nan")), "done", chief)
+        if worker_gather is not None:
+            check_workers_agree(worker_gather, int(optimizer.iterations.numpy()), run_path)
         if chief:
             run.write_metadata(config, vocab, corpus)
         say(model.summary_line())
@@ -564,8 +522,15 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
             f"{steps_per_epoch} batches/epoch of {data.batch_size}x{data.seq_length}); "
             f"run: {run_path}")
         loop = _Loop(config, run, loader, model, optimizer, progress, checkpoint, strategy,
-                     chief, total_steps, say, stop, show_progress)
-        return loop.run()
+                     worker_gather, chief, total_steps, say, stop, show_progress)
+        if worker_gather is None:
+            return loop.run()
+        try:
+            return loop.run()
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.CancelledError, tf.errors.AbortedError) as error:
+            newest = run.checkpoints.complete() if chief else None
+            raise lost_worker_error(error, chief, newest[0].step if newest else None) from None
     finally:
         if created and not run.exists():
             # A new run that failed before its first file (a mistyped --resume --run, a directory
@@ -586,7 +551,7 @@ class _Loop:
     """The epoch/batch loop with its periodic evaluation, sampling, logging and checkpoints."""
 
     def __init__(self, config, run, loader, model, optimizer, progress, checkpoint, strategy,
-                 chief, total_steps, say, stop, show_progress=True):
+                 worker_gather, chief, total_steps, say, stop, show_progress=True):
         import tensorflow as tf
 
         self.config, self.run_dir, self.loader, self.model = config, run, loader, model
@@ -595,13 +560,11 @@ class _Loop:
         self.show_progress = show_progress
         # Workers must agree on when the time is up and on a stop signal, or one would wait
         # forever in a collective the others left; and on the time spent, which sets the rate.
-        self.worker_gather = (make_worker_gather(strategy) if
-                              isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                              else None)
+        self.worker_gather = worker_gather
         self.train_call = make_train_call(model, optimizer, progress, strategy, config)
         self.eval_call = make_eval_call(model, config)
         self.writer = tf.summary.create_file_writer(str(run.path)) if chief else None
-        self.generator = None
+        self.generator, self.sample_prime = None, None  # made at the first sample
         self.val_loss, self.val_step = float("nan"), None
 
     @property
@@ -634,8 +597,9 @@ class _Loop:
             with self.writer.as_default():
                 from tensorboard.plugins.hparams import api as hparams
                 hparams.hparams(hparams_dict(self.config), trial_id=self.run_dir.path.name)
-        window_losses, window_norms, window_time = [], [], 0.0
+        window_losses, window_norms, window_time, window_timed_steps = [], [], 0.0, 0
         chars_per_sec = float("nan")
+        traced = set()  # the call sizes K compiled so far: a size's first call traces it
         started_at = time.perf_counter()
         rate_since, rate_steps = None, 0  # the ETA's clock starts after the first (compiling) call
         max_seconds = t.max_seconds or float("inf")
@@ -662,7 +626,10 @@ class _Loop:
             xs, ys = self.loader.train.stacked(batch, count, np.int32)  # [K, B, T]
             step_losses, step_norms = self.train_call(xs, ys)
             step_losses, step_norms = step_losses.numpy(), step_norms.numpy()
-            window_time += time.perf_counter() - call_start
+            if count in traced:  # a compiling call is no measure of the rate
+                window_time += time.perf_counter() - call_start
+                window_timed_steps += count
+            traced.add(count)
             if not np.all(np.isfinite(step_losses)):
                 stopped = "nan"
                 self._stop_on_nan(step_losses, line)
@@ -674,9 +641,10 @@ class _Loop:
             self._smooth(step_losses)
             step = self.step
             if self._crossed(step, count, t.log_every) or step >= self.total_steps:
-                chars_per_sec = len(window_losses) * chars_per_step / max(window_time, 1e-9)
+                if window_timed_steps:
+                    chars_per_sec = window_timed_steps * chars_per_step / max(window_time, 1e-9)
                 self._log_train(step, window_losses, window_norms, chars_per_sec)
-                window_losses, window_norms, window_time = [], [], 0.0
+                window_losses, window_norms, window_time, window_timed_steps = [], [], 0.0, 0
             if rate_since is None:
                 rate_since, rate_steps, rate = time.perf_counter(), step, 0.0
             else:
@@ -700,7 +668,7 @@ class _Loop:
         if self.writer is not None:
             self.writer.flush()
         return TrainResult(self.run_dir.path, self.step, int(self.progress.epoch.numpy()), losses,
-                           self.val_loss, stopped)
+                           self.val_loss, stopped, self.chief)
 
     def _steps_this_call(self, batch):
         """K: up to steps_per_call, never past the epoch's end, the last step, or the next
@@ -750,7 +718,8 @@ class _Loop:
             tf.summary.scalar("train/bpc", loss / LN2)
             tf.summary.scalar("learning_rate", self._learning_rate())
             tf.summary.scalar("grad_norm", float(np.mean(window_norms)))
-            tf.summary.scalar("chars_per_sec", chars_per_sec)
+            if math.isfinite(chars_per_sec):  # none before the first call after compiling
+                tf.summary.scalar("chars_per_sec", chars_per_sec)
             if self.config.train.loss_smoothing > 0:
                 tf.summary.scalar("train/smooth_loss", float(self.progress.smooth_loss.numpy()))
 
@@ -786,14 +755,32 @@ class _Loop:
         if self.generator is None:
             self.generator = Generator(self.model, self.loader.vocab,
                                        hangul_jamo=self.config.data.hangul_jamo)
+            self.sample_prime = self._usable_prime(line)
         sample = self.config.sample
-        text = self.generator.generate(sample.prime, self.config.train.sample_length,
+        text = self.generator.generate(self.sample_prime, self.config.train.sample_length,
                                        temperature=sample.temperature, top_k=sample.top_k,
                                        top_p=sample.top_p, seed=self.config.train.seed + self.step,
                                        unknown="skip")
         line.message(f"--- sample at step {self.step} ---\n{text}\n---")
         with self.writer.as_default(step=self.step):
             tf.summary.text("sample", text)
+
+    def _usable_prime(self, line):
+        """sample.prime without the characters the vocabulary lacks (said once), or None (the
+        default prime) when none is left: a recipe's prime ('/*' for C) must not stop a run on
+        another corpus."""
+        from tf_charrnn.sample import default_prime, known_prime
+
+        prime = self.config.sample.prime
+        if prime is None:
+            return None
+        kept, missing = known_prime(prime, self.loader.vocab, self.config.data.hangul_jamo)
+        if missing:
+            used = kept or default_prime(self.loader.vocab, self.config.data.hangul_jamo)
+            line.message(f"warning: sample.prime has characters not in the vocabulary "
+                         f"({' '.join(map(repr, missing))}): the samples during training start "
+                         f"from {used!r}")
+        return kept or None
 
     def _save(self, line):
         if not self.chief:
@@ -916,6 +903,9 @@ def main(argv=None):
         result = train(config, run_name=args.run, resume=args.resume)
         if result.stopped == "interrupted":
             return 130
+        if not result.chief:
+            print(f"worker done at step {result.step}; the cluster's chief saves the run")
+            return 0
         done = "saved in" if result.losses else "unchanged:"  # a finished run trains nothing
         print(f"run {done} {result.run_path} (step {result.step}); sample it with: "
               f"python -m tf_charrnn.sample --run {result.run_path}")
