@@ -294,6 +294,22 @@ def test_running_out_of_memory_is_one_line_naming_the_allocation(capsys):
         run_cli(numpy_exhausted, ["--debug"])
 
 
+def test_a_full_disk_is_not_called_out_of_memory(capsys):
+    """TensorFlow reports a file write that hits ENOSPC (an event file, a checkpoint) as
+    ResourceExhaustedError too."""
+    import tensorflow as tf
+
+    def disk_full(argv):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__FlushSummaryWriter_device_/job:localhost/"
+                        "replica:0/task:0/device:CPU:0}} runs/E/events.out.tfevents.1.host.v2; "
+                        "No space left on device [Op:FlushSummaryWriter]")
+
+    assert run_cli(disk_full, []) == 1
+    check_one_line(capsys.readouterr().err, 1, 1, "a write failed: No space left on device; free "
+                                                  "disk space, then resume the run")
+
+
 def test_other_exceptions_keep_their_traceback():
     def broken(argv):
         raise ZeroDivisionError("a bug, not the user's mistake")

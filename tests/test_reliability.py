@@ -608,3 +608,26 @@ def test_a_kill_while_config_yaml_is_rewritten_cannot_spoil_the_run(trained, mon
     monkeypatch.undo()
     assert (run_path / "config.yaml").read_text() == before
     assert train(config, run_name="r", log=lambda *a, **k: None, stop_flag=StopNow()).step == 8
+
+
+def test_a_checkpoint_pruned_while_the_sampler_reads_it_gives_way_to_a_newer_one(
+        trained, monkeypatch):
+    """A run that is training deletes old checkpoints as it saves: the one the sampler chose
+    can vanish before it is read. It takes the newest one then, instead of blaming the files."""
+    _, run_path = trained
+    store = Run(run_path).checkpoints
+    newest_good = runs_module.CheckpointStore.newest_good
+    calls = []
+
+    def chosen_then_pruned(self, log=print):
+        calls.append(self.directory)
+        if len(calls) == 1:  # the sampler chooses ckpt-4; the trainer prunes it right after
+            older = [info for info in self.complete() if info.step == 4][0]
+            self.delete(older.prefix)
+            return older
+        return newest_good(self, log)
+
+    monkeypatch.setattr(runs_module.CheckpointStore, "newest_good", chosen_then_pruned)
+    loaded = load_run(run_path, log=lambda *args: None)
+    assert loaded.checkpoint.step == 8 and len(calls) == 2
+    assert store.complete()[0].step == 8

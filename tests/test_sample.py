@@ -538,7 +538,7 @@ def test_unknown_prime_characters_are_listed_or_skipped(model, vocab):
     ({"top_k": -1}, "top_k must be an integer >= 0 (0 turns it off), got -1"),
     ({"length": -1}, "length must be an integer >= 0, got -1"),
     ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
-    ({"stop": ""}, "stop must be a non-empty string (or None for no stop string)"),
+    ({"stop": ""}, "stop must be a non-empty string (leave it out for no stop string)"),
     ({"unknown": "ignore"}, "unknown must be one of error, skip, got 'ignore'"),
 ])
 def test_bad_options_are_one_line_usage_errors(generator, options, message):
@@ -605,9 +605,33 @@ def test_jamo_runs_are_recomposed_into_syllables(hangul):
     text = composed.generate("한국", 60, seed=4)
     assert text == compose_hangul(jamo) and text.startswith("한국")
     assert "".join(composed.stream("한국", 60, seed=4)) == text
-    assert composed.generate("한국", 60, seed=4, stop="다") == \
-        compose_hangul(raw.generate(decompose_hangul("한국"), 60, seed=4,
-                                    stop=decompose_hangul("다")))
+
+def test_a_jamo_runs_stop_string_ends_only_where_a_syllable_ends(hangul):
+    """'대' is no stop inside '댕' (the same two jamo and a final consonant), even when a chunk
+    ends between them (chunks of 5 jamo here)."""
+    vocab, model = hangul
+    composed = Generator(model, vocab, hangul_jamo=True, chunk_length=5)
+    inside_only = 0
+    for seed in range(4, 16):
+        text = composed.generate("한국", 60, seed=seed)
+        for stop in ("대", "다", "지"):
+            at = text.find(stop, len("한국"))
+            expected = text if at < 0 else text[:at + 1]
+            assert composed.generate("한국", 60, seed=seed, stop=stop) == expected, (seed, stop)
+            jamo = decompose_hangul(text[len("한국"):])
+            inside_only += at < 0 and decompose_hangul(stop) in jamo
+    assert inside_only > 0, "no sample held a stop's jamo only inside a longer syllable"
+
+
+def test_find_stop_in_jamo_waits_for_a_final_consonant():
+    from tf_charrnn.sample import find_stop
+
+    jamo = decompose_hangul("어느 학교에 하늘")
+    assert find_stop(jamo, decompose_hangul("하"), jamo=True) == len(decompose_hangul("어느 학교에 하"))
+    assert find_stop(jamo, decompose_hangul("하"), jamo=False) == len(decompose_hangul("어느 하"))
+    assert find_stop(decompose_hangul("어느 하"), decompose_hangul("하"), jamo=True) == -1
+    assert find_stop(decompose_hangul("어느 학"), decompose_hangul("학"), jamo=True) == \
+        len(decompose_hangul("어느 학"))
 
 
 # --- the command line ------------------------------------------------------------------------

@@ -223,7 +223,9 @@ def test_interrupt_saves_a_checkpoint_that_resumes(tiny_corpus, tmp_path, capsys
     assert resumed.step == 50 and len(resumed.losses) == 50 - result.step
 
 
-def test_sigint_to_a_training_process_saves_and_exits_130(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_to_a_training_process_saves_and_exits_128_plus_it(tiny_corpus, tmp_path,
+                                                                        signum):
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "tf_charrnn.train", "--corpus", str(tiny_corpus),
                "--runs-dir", str(runs), "--run", "sig", "--max-steps", "100000",
@@ -236,12 +238,14 @@ def test_sigint_to_a_training_process_saves_and_exits_130(tiny_corpus, tmp_path)
         for line in process.stdout:
             if line.startswith("step ") or time.monotonic() > deadline:
                 break
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         output, _ = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, output
-    assert "stopped by SIGINT" in output
+    assert process.returncode == 128 + signum, output
+    # The hint names the run where it is (a bare name would mean runs/NAME, another run).
+    assert f"stopped by {signum.name} at step" in output
+    assert f"checkpoint saved: resume with --run {runs / 'sig'}" in output
     steps = [info.step for info in Run(runs / "sig").checkpoints.complete()]
     assert len(steps) == 1 and steps[0] > 0
 
@@ -448,3 +452,12 @@ def test_the_logged_rate_leaves_out_the_compiling_calls(tiny_corpus, tmp_path):
     assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
     assert [step for step, _ in scalars["chars_per_sec"]] == [2, 3, 4]
     assert all(value > 0 for _, value in scalars["chars_per_sec"])
+
+
+def test_a_file_where_the_checkpoints_go_is_one_error(tiny_corpus, tmp_path):
+    (tmp_path / "runs" / "blocked").mkdir(parents=True)
+    (tmp_path / "runs" / "blocked" / "checkpoints").write_text("in the way")
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 2))
+    with pytest.raises(CharRNNError, match=r"could not write checkpoint .*ckpt-2 .*File exists.*"
+                                           r"the previous checkpoints are kept"):
+        train(config, run_name="blocked", log=lambda *args: None)

@@ -102,7 +102,8 @@ def stdout_outliving_its_reader():
         sys.stdout = saved
 
 
-_MEMORY_HINT = "use a smaller model or batch, or fewer --num-samples"
+_MEMORY_HINT = "use a smaller model or batch (when sampling, fewer --num-samples)"
+_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|[Oo]ut of disk space")
 
 
 def _report(message, exit_code):
@@ -131,6 +132,9 @@ def run_cli(main, argv=None):
         tf = sys.modules.get("tensorflow")
         if debug or tf is None or not isinstance(error, tf.errors.ResourceExhaustedError):
             raise
+        if _DISK_FULL.search(str(error)):  # TensorFlow's file writes report ENOSPC this way
+            return _report(f"a write failed: {_DISK_FULL.search(str(error)).group(0)}; free "
+                           f"disk space, then resume the run (its checkpoints are kept)", 1)
         found = re.search(r"OOM when allocating tensor with shape\[[\d,]*\]", str(error))
         detail = found.group(0) if found else (str(error).strip().splitlines() or ["?"])[0]
         return _report(f"out of memory ({detail[:160]}): {_MEMORY_HINT}", 1)

@@ -12,6 +12,7 @@ so a checkpoint cut short by a kill or a full disk is never taken for a complete
 from the newest to the oldest and skips, with a warning, any whose files no longer match.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -65,10 +66,10 @@ class CheckpointStore:
         keeps every shape, so only this can tell that the ids no longer mean the same characters.
         """
         fingerprint = vocab_fingerprint(vocab) if vocab is not None else None
-        self.directory.mkdir(parents=True, exist_ok=True)
         prefix = self.directory / f"ckpt-{step}"
-        self.delete(prefix)  # a leftover of a save that was cut short
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.delete(prefix)  # a leftover of a save that was cut short
             checkpoint.write(str(prefix))
             files = {path.name: sha256_file(path) for path in self._files(prefix)
                      if not path.name.endswith(".manifest.json")}
@@ -76,9 +77,11 @@ class CheckpointStore:
                         "vocab_sha256": fingerprint}
             write_atomic(self.manifest_path(prefix.name), json.dumps(manifest, indent=1).encode())
         except Exception as error:
-            self.delete(prefix)
+            with contextlib.suppress(OSError):  # e.g. a file where the directory should be
+                self.delete(prefix)
             raise CharRNNError(f"could not write checkpoint {prefix} ({error}); the previous "
-                               f"checkpoints are kept: free disk space and resume") from None
+                               f"checkpoints are kept: free disk space (or move what is in the "
+                               f"way) and resume") from None
         return CheckpointInfo(prefix, int(step), metrics or {}, fingerprint)
 
     def delete(self, prefix):
@@ -311,6 +314,10 @@ def vocab_fingerprint(vocab):
     return hashlib.sha256(vocab.chars.encode("utf-8")).hexdigest()
 
 
+class CheckpointGone(CharRNNError):
+    """The checkpoint was removed between choosing and reading it (a training run pruned it)."""
+
+
 def restore_checkpoint(checkpoint, info, vocab, what="model"):
     """Read info into a tf.train.Checkpoint; a mismatch with config.yaml/vocab.json is an error."""
     import tensorflow as tf
@@ -324,6 +331,9 @@ def restore_checkpoint(checkpoint, info, vocab, what="model"):
         status.expect_partial()  # a model-only read leaves the optimiser's slots unread: no warning
         status.assert_existing_objects_matched()
     except (tf.errors.OpError, ValueError, AssertionError) as error:
+        if not Path(f"{info.prefix}.index").exists():
+            raise CheckpointGone(f"checkpoint {info.prefix} was deleted while it was read (its "
+                                 f"run pruned it): take a newer one") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise CharRNNError(f"checkpoint {info.prefix} does not fit the {what} described by "
                            f"config.yaml and vocab.json ({first_line}); restore the run's "
@@ -375,5 +385,12 @@ def load_run(path=None, checkpoint=None, runs_dir="runs", log=print):
     # The weights are float32 under every precision policy; inference runs them in float32,
     # which is exact and, in the sampler's XLA loop on a CPU, faster than bfloat16.
     model = build_model(dataclasses.replace(config.model, precision="float32"), len(vocab))
-    restore_checkpoint(tf.train.Checkpoint(model=model), info, vocab)
+    for attempt in range(5):  # a run that is training prunes old checkpoints as it saves
+        try:
+            restore_checkpoint(tf.train.Checkpoint(model=model), info, vocab)
+            break
+        except CheckpointGone:
+            if checkpoint is not None or attempt == 4:
+                raise
+            info = run.newest_checkpoint(log) or info
     return LoadedRun(run, config, vocab, corpus, model, info)

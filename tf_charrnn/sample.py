@@ -44,6 +44,7 @@ import functools
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -359,6 +360,20 @@ def _composable_length(text):
     return index
 
 
+def find_stop(text, stop, jamo=False):
+    """The index just after the first occurrence of stop in text, else -1. In jamo text an
+    occurrence counts only where a syllable ends: '하' (L V) is no stop inside '학' (L V T), and
+    one that ends text with a vowel is not known yet (a final consonant may follow)."""
+    start = text.find(stop)
+    while start >= 0:
+        end = start + len(stop)
+        open_vowel = jamo and _V_FIRST <= stop[-1] <= _V_LAST
+        if not open_vowel or (end < len(text) and not _T_FIRST <= text[end] <= _T_LAST):
+            return end
+        start = text.find(stop, start + 1)
+    return -1
+
+
 class JamoComposer:
     """Recompose streamed jamo text into syllables: feed chunks, get composed text back."""
 
@@ -420,7 +435,7 @@ def check_sampling_options(length=1000, temperature=1.0, top_k=0, top_p=1.0, num
     require(isinstance(num_samples, (int, np.integer)) and num_samples >= 1,
             f"num_samples must be an integer >= 1, got {num_samples!r}")
     require(stop is None or (isinstance(stop, str) and stop != ""),
-            "stop must be a non-empty string (or None for no stop string)")
+            "stop must be a non-empty string (leave it out for no stop string)")
     require(unknown in UNKNOWN_CHOICES,
             f"unknown must be one of {', '.join(UNKNOWN_CHOICES)}, got {unknown!r}")
 
@@ -556,10 +571,12 @@ class Generator:
                     continue
                 text = self.vocab.decode(drawn[row])
                 if stop is not None:
-                    tail = tails[row][-(len(stop) - 1):] if len(stop) > 1 else ""
-                    found = (tail + text).find(stop)
-                    if found >= 0:
-                        text = text[:found + len(stop) - len(tail)]
+                    # A jamo run keeps one more: a match at a chunk's end waits for the next jamo.
+                    keep = len(stop) - (0 if self.hangul_jamo else 1)
+                    tail = tails[row][-keep:] if keep else ""
+                    end = find_stop(tail + text, stop, self.hangul_jamo)
+                    if end >= 0:
+                        text = text[:end - len(tail)]
                         done[row] = True
                     tails[row] = tail + text
                 pieces.append(composers[row].feed(text))
@@ -651,7 +668,9 @@ def measure_naive_sampling(model, seconds=3.0, temperature=1.0, seed=0, compiled
 def parse_escapes(text, name="--stop"):
     """Interpret backslash escapes (\\n, \\t, \\u00e9, \\\\) in a command-line string."""
     try:
-        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        with warnings.catch_warnings():  # an unknown escape such as \q stays as typed
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as error:
         raise UsageError(f"{name} {text!r} has a bad backslash escape ({error.reason}): write "
                          f"\\n for a newline and \\\\ for a backslash") from None

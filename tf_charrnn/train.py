@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +364,7 @@ class TrainResult:
     val_loss: float       # the last validation loss, nan if none was measured
     stopped: str          # "done", "interrupted" or "nan"
     chief: bool = True    # False on a cluster's other workers, which write nothing
+    signal_name: typing.Optional[str] = None  # "SIGINT" or "SIGTERM" when one stopped this worker
 
 
 class _StopFlag:
@@ -664,11 +666,11 @@ class _Loop:
         line.close()
         if stopped == "interrupted":
             self.say(f"stopped by {self.stop.signal_name or 'a signal to another worker'} at step "
-                     f"{self.step}; checkpoint saved: resume with --run {self.run_dir.path.name}")
+                     f"{self.step}; checkpoint saved: resume with --run {self.run_dir.path}")
         if self.writer is not None:
             self.writer.flush()
         return TrainResult(self.run_dir.path, self.step, int(self.progress.epoch.numpy()), losses,
-                           self.val_loss, stopped, self.chief)
+                           self.val_loss, stopped, self.chief, self.stop.signal_name)
 
     def _steps_this_call(self, batch):
         """K: up to steps_per_call, never past the epoch's end, the last step, or the next
@@ -901,8 +903,8 @@ def main(argv=None):
     config = config_from_args(args)
     with cli.stdout_outliving_its_reader():  # `train ... | head` must not cost the run
         result = train(config, run_name=args.run, resume=args.resume)
-        if result.stopped == "interrupted":
-            return 130
+        if result.stopped == "interrupted":  # the shell's code for that signal, else Ctrl-C's
+            return 128 + (signal.Signals[result.signal_name] if result.signal_name else 2)
         if not result.chief:
             print(f"worker done at step {result.step}; the cluster's chief saves the run")
             return 0
