@@ -420,7 +420,8 @@ def test_a_bad_tf_config_is_one_usage_error(text, message):
 def test_a_good_tf_config_names_the_task():
     from tf_charrnn.cluster import read_tf_config
 
-    text = '{"cluster": {"chief": ["h:1"], "worker": ["h:2", "[::1]:3"]}, "task": {"type": "worker", "index": 1}}'
+    text = ('{"cluster": {"chief": ["h:1"], "worker": ["h:2", "[::1]:3"]}, '
+            '"task": {"type": "worker", "index": 1}}')
     assert read_tf_config(text) == ({"chief": ["h:1"], "worker": ["h:2", "[::1]:3"]}, "worker", 1)
 
 

@@ -87,6 +87,23 @@ def test_exported_jamo_run_takes_and_returns_syllables():
     text = generate(composed, "대한", 50, seed=3)
     assert text == compose_hangul(generate(raw, decompose_hangul("대한"), 50, seed=3))
     assert text.startswith("대한")
+    # 뷁's ᆰ and 꿳's ᄁ are not in the vocabulary: each syllable goes whole, as the sampler's
+    # --unknown skip drops it, never a loose jamo of it into the prime.
+    sampler = Generator(model, vocab, hangul_jamo=True, loops="plain", log=lambda *args: None)
+    for prime, known in (("뷁대한", "대한"), ("대꿳한", "대한"), ("뷁", None)):
+        assert generate(composed, prime, 30, seed=2) == sampler.generate(
+            known, 30, seed=2), prime
+
+
+def test_a_length_past_the_limit_is_refused_by_name():
+    """Near int32's limit the chunk count wrapped to a negative number (a cryptic TensorArray
+    error); the limit keeps far from it."""
+    vocab = Vocab(CHARS)
+    module = ExportedGenerator(tiny_model(vocab), vocab, jit_compile=False, chunk_length=16)
+    for length in (2 ** 27 + 1, 2 ** 31 - 1):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="length must be at most "
+                                                                 "134,217,728"):
+            generate(module, "ab", length)
 
 
 LOADER = """

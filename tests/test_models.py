@@ -373,8 +373,9 @@ def test_fused_first_layer_reads_its_input_projection_from_a_table(monkeypatch, 
     for precision, expected in (("float32", ["fused_rnn_on_ids", "fused_rnn"]),
                                 ("mixed_bfloat16", ["fused_rnn_on_ids", "fused_rnn"]),
                                 ("mixed_float16", [])):
-        model = build_model(ModelConfig(num_layers=2, hidden_size=8, embedding_size=4,
-                                        one_hot=one_hot, precision=precision, kernel="fused"), 5)
+        model = build_model(ModelConfig(num_layers=2, hidden_size=8,
+                                        embedding_size=0 if one_hot else 4, one_hot=one_hot,
+                                        precision=precision, kernel="fused"), 5)
         calls.clear()
         model(tf.zeros([2, 3], tf.int32), model.zero_states(2), training=True)
         assert calls == expected, precision
@@ -422,3 +423,30 @@ def test_summary_line_says_which_loops_the_fused_kernel_runs():
 def test_bad_model_config_names_the_field(model_values, message):
     with pytest.raises(UsageError, match=message):
         config_from_dict({"model": model_values})
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_a_keras_file_round_trip_keeps_every_weight(cell, tmp_path):
+    """model.save("x.keras") / keras.models.load_model: the loaded model is built before its
+    weights are read in (it was left empty, with fresh random weights on its first call)."""
+    import warnings
+
+    model = build_model(ModelConfig(cell=cell, num_layers=2, hidden_size=16, embedding_size=8), 11)
+    model.save(tmp_path / "model.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Keras warns when a model cannot be built from config
+        loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert len(loaded.weights) == len(model.weights)
+    ids, states = tf.constant([[1, 2, 3]]), model.zero_states(1)
+    np.testing.assert_array_equal(loaded(ids, states)[0], model(ids, states)[0])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dropout": -0.5}, r"model.dropout must be in \[0, 1\), got -0.5"),
+    ({"kernel": "cudnn"}, "model.kernel must be one of"),
+    ({"cell": "LSTM"}, "model.cell must be one of"),
+    ({"one_hot": True}, "model.embedding_size must be 0 when model.one_hot is true"),
+])
+def test_build_model_checks_a_model_config_of_its_own(changes, message):
+    with pytest.raises(UsageError, match=message):
+        build_model(dataclasses.replace(ModelConfig(), **changes), 11)

@@ -505,6 +505,12 @@ def test_stop_ends_the_sample_after_the_stop_string(generator):
         (full if position < 0 else full[:position + 2])
 
 
+@pytest.mark.parametrize("seed", [1.7, "1", True])
+def test_a_seed_must_be_an_integer(generator, seed):
+    with pytest.raises(UsageError, match=f"seed must be an integer .*got {seed!r}"):
+        generator.generate("ab", 5, seed=seed)
+
+
 def test_stop_is_per_sample(generator):
     full = generator.generate("ab", 60, seed=12, num_samples=3)
     stop = full[0][20]
@@ -626,9 +632,9 @@ def test_a_jamo_runs_stop_string_ends_only_where_a_syllable_ends(hangul):
 def test_find_stop_in_jamo_waits_for_a_final_consonant():
     from tf_charrnn.sample import find_stop
 
-    jamo = decompose_hangul("어느 학교에 하늘")
-    assert find_stop(jamo, decompose_hangul("하"), jamo=True) == len(decompose_hangul("어느 학교에 하"))
-    assert find_stop(jamo, decompose_hangul("하"), jamo=False) == len(decompose_hangul("어느 하"))
+    jamo, ha = decompose_hangul("어느 학교에 하늘"), decompose_hangul("하")
+    assert find_stop(jamo, ha, jamo=True) == len(decompose_hangul("어느 학교에 하"))
+    assert find_stop(jamo, ha, jamo=False) == len(decompose_hangul("어느 하"))
     assert find_stop(decompose_hangul("어느 하"), decompose_hangul("하"), jamo=True) == -1
     assert find_stop(decompose_hangul("어느 학"), decompose_hangul("학"), jamo=True) == \
         len(decompose_hangul("어느 학"))

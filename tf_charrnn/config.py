@@ -235,20 +235,8 @@ def _require_choice(key, value, choices):
     _require(value in choices, key, f"must be one of {', '.join(choices)}, got '{value}'")
 
 
-def validate(config):
-    """Check ranges and named options; raise UsageError naming the first bad field."""
-    data, model, train, sample = config.data, config.model, config.train, config.sample
-    for key, path in (("data.corpus", data.corpus), ("data.data_dir", data.data_dir),
-                      ("train.runs_dir", train.runs_dir)):
-        _require(path.strip() != "", key, "must not be empty: give a name or a path")
-    _require(data.batch_size > 0, "data.batch_size", f"must be positive, got {data.batch_size}")
-    _require(data.seq_length > 0, "data.seq_length", f"must be positive, got {data.seq_length}")
-    _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction",
-             f"must be in [0, 1), got {data.val_fraction}")
-    _require(data.max_bytes is None or data.max_bytes > 0, "data.max_bytes", "must be positive")
-    _require(data.encoding is None or is_text_codec(data.encoding), "data.encoding",
-             f"must be a text encoding Python knows (e.g. utf-8, cp949, latin-1), got "
-             f"'{data.encoding}'")
+def validate_model(model):
+    """The model section's checks (build_model runs them on a ModelConfig alone)."""
     _require_choice("model.cell", model.cell, CELL_CHOICES)
     _require(model.num_layers > 0, "model.num_layers", f"must be positive, got {model.num_layers}")
     _require(model.hidden_size > 0, "model.hidden_size",
@@ -263,6 +251,23 @@ def validate(config):
     _require(0.0 <= model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {model.dropout}")
     _require_choice("model.precision", model.precision, PRECISION_CHOICES)
     _require_choice("model.kernel", model.kernel, KERNEL_CHOICES)
+
+
+def validate(config):
+    """Check ranges and named options; raise UsageError naming the first bad field."""
+    data, model, train, sample = config.data, config.model, config.train, config.sample
+    for key, path in (("data.corpus", data.corpus), ("data.data_dir", data.data_dir),
+                      ("train.runs_dir", train.runs_dir)):
+        _require(path.strip() != "", key, "must not be empty: give a name or a path")
+    _require(data.batch_size > 0, "data.batch_size", f"must be positive, got {data.batch_size}")
+    _require(data.seq_length > 0, "data.seq_length", f"must be positive, got {data.seq_length}")
+    _require(0.0 <= data.val_fraction < 1.0, "data.val_fraction",
+             f"must be in [0, 1), got {data.val_fraction}")
+    _require(data.max_bytes is None or data.max_bytes > 0, "data.max_bytes", "must be positive")
+    _require(data.encoding is None or is_text_codec(data.encoding), "data.encoding",
+             f"must be a text encoding Python knows (e.g. utf-8, cp949, latin-1), got "
+             f"'{data.encoding}'")
+    validate_model(model)
     _require_choice("train.optimizer", train.optimizer, OPTIMIZER_CHOICES)
     _require(train.learning_rate > 0, "train.learning_rate",
              f"must be positive, got {train.learning_rate}")

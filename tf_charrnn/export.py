@@ -19,15 +19,16 @@ dropped, and a prime left empty starts from sample.default_prime), the state is 
 one pass over the prime, `length` characters are drawn by tf_charrnn.sample's chunk function
 (the XLA-compiled loop, seeded with (seed mod 2**31, position), so a seed gives the same text
 as `python -m tf_charrnn.sample --loops xla --seed` with top-k and top-p off; the sampler's
-default native loop draws its own numbers), and the ids go back to
-code points and UTF-8. The text returned is the prime's known characters followed by the
-generated ones. temperature <= 0 or length < 0 fail with InvalidArgumentError. Loading needs a
+default native loop draws its own numbers), and the ids go back to code points and UTF-8. The
+text returned is the prime's known characters followed by the generated ones. temperature <= 0,
+length < 0 or length > MAX_LENGTH (2**27) fail with InvalidArgumentError. Loading needs a
 TensorFlow with XLA (the pip package has it); `--no-xla` exports a loop that does not.
 
 Hangul: for a run trained on jamo (data.hangul_jamo), the exported function does both halves of
 text.decompose_hangul / text.compose_hangul in the graph, so callers pass and receive ordinary
-syllables; `length` then counts jamo, and the last syllable of the prime may be extended by a
-generated final consonant.
+syllables; `length` then counts jamo, a syllable with a jamo the vocabulary lacks is dropped
+whole (as the sampler's --unknown skip does), and the last syllable of the prime may be extended
+by a generated final consonant.
 """
 
 import shutil
@@ -56,8 +57,9 @@ def _between(codes, first, last):
     return (codes >= first) & (codes <= last)
 
 
-def decompose_hangul_codepoints(codes):
-    """In-graph text.decompose_hangul on code points [P] int32 -> [P'] int32."""
+def decompose_hangul_codepoints(codes, with_sources=False):
+    """In-graph text.decompose_hangul on code points [P] int32 -> [P'] int32 (with_sources:
+    also [P'], the index of the code point each came from)."""
     codes = tf.cast(codes, tf.int32)
     offset = codes - _S_BASE
     is_syllable = _between(offset, 0, _S_COUNT - 1)
@@ -72,7 +74,11 @@ def decompose_hangul_codepoints(codes):
     candidates = tf.stack([first, second, third], axis=1)  # [P, 3]
     keep = tf.stack([tf.ones_like(is_syllable), is_syllable | is_escaped,
                      is_syllable & (final > 0)], axis=1)  # [P, 3]
-    return tf.boolean_mask(candidates, keep)
+    decomposed = tf.boolean_mask(candidates, keep)
+    if not with_sources:
+        return decomposed
+    sources = tf.repeat(tf.range(tf.size(codes)), tf.reduce_sum(tf.cast(keep, tf.int32), 1))
+    return decomposed, sources
 
 
 def compose_hangul_codepoints(codes):
@@ -101,6 +107,9 @@ def compose_hangul_codepoints(codes):
     _, out, _ = tf.while_loop(lambda index, *_: index < size, body,
                               (tf.constant(0), out, tf.constant(0)))
     return out.stack()
+
+
+MAX_LENGTH = 2 ** 27  # characters a call: about 0.5 GB of ids, far from int32's wrap
 
 
 class ExportedGenerator(tf.Module):
@@ -138,19 +147,25 @@ class ExportedGenerator(tf.Module):
     def _prime_ids(self, prime):
         """A UTF-8 scalar -> ids [P] of its characters in the vocabulary (P >= 1)."""
         codes = tf.strings.unicode_decode(prime, "UTF-8", errors="replace")  # [P]
+        characters = tf.size(codes)
+        sources = tf.range(characters)  # the prime's character each code point belongs to
         if self._hangul_jamo:
-            codes = decompose_hangul_codepoints(codes)
+            codes, sources = decompose_hangul_codepoints(codes, with_sources=True)
         table = tf.constant(self._sorted_codepoints)
         position = tf.minimum(tf.searchsorted(table, codes), tf.size(table) - 1)
-        known = tf.gather(table, position) == codes
-        ids = tf.gather(tf.constant(self._sorted_to_id), tf.boolean_mask(position, known))
+        known = tf.cast(tf.gather(table, position) == codes, tf.int32)
+        # A character is kept whole or dropped whole (a syllable with one unknown jamo: all).
+        whole = tf.gather(tf.math.unsorted_segment_min(known, sources, characters), sources) > 0
+        ids = tf.gather(tf.constant(self._sorted_to_id), tf.boolean_mask(position, whole))
         return tf.cond(tf.size(ids) > 0, lambda: ids,
                        lambda: tf.constant([self._default_prime_id], tf.int32))
 
     def _generate(self, model, chunk, prime, length, temperature, seed):
         checks = [tf.debugging.assert_greater(temperature, 0.0,
                                               message="temperature must be > 0"),
-                  tf.debugging.assert_non_negative(length, message="length must be >= 0")]
+                  tf.debugging.assert_non_negative(length, message="length must be >= 0"),
+                  tf.debugging.assert_less_equal(length, MAX_LENGTH, message=(
+                      f"length must be at most {MAX_LENGTH:,} (the text is returned whole)"))]
         with tf.control_dependencies(checks):
             length, temperature = tf.identity(length), tf.identity(temperature)
         ids = self._prime_ids(prime)[None, :]  # [1, P]

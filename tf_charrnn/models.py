@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_charrnn.config import ModelConfig
+from tf_charrnn.config import ModelConfig, validate_model
 from tf_charrnn.errors import CharRNNError
 from tf_charrnn.tfenv import visible_gpus
 
@@ -43,6 +43,7 @@ def recurrent_layer_class(cell, kernel):
     return (_fused_layers() if resolve_kernel(kernel) == "fused" else _KERAS_LAYERS)[cell]
 
 
+@keras.saving.register_keras_serializable(package="tf_charrnn")
 class CharRNN(keras.Model):
     """Embedding (or one-hot) -> stacked SimpleRNN/LSTM/GRU -> Dense logits."""
 
@@ -151,6 +152,13 @@ class CharRNN(keras.Model):
     def from_config(cls, config):
         return cls(**config)
 
+    def get_build_config(self):
+        return {"built": True}  # the config alone gives every variable's shape
+
+    def build_from_config(self, config):
+        """keras.models.load_model: create the variables before the weights are read in."""
+        self.build_weights()
+
     def summary_line(self):
         inputs = "one-hot" if self.one_hot else f"embedding {self.embedding_size}"
         kernel = resolve_kernel(self.kernel)
@@ -186,6 +194,7 @@ def parameter_count(model_config: ModelConfig, vocab_size):
 
 def build_model(model_config: ModelConfig, vocab_size):
     """A built CharRNN (all variables created) for model_config and vocab_size."""
+    validate_model(model_config)
     if vocab_size < 1:
         raise CharRNNError("vocabulary is empty: train on a corpus with some text")
     return CharRNN(vocab_size, cell=model_config.cell, num_layers=model_config.num_layers,

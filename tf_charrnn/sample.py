@@ -538,6 +538,8 @@ class Generator:
         """Check the options, the memory and the prime now; return an iterator over the stream:
         one list of num_samples text pieces for the prime, then one per chunk."""
         check_sampling_options(length, temperature, top_k, top_p, num_samples, stop, unknown)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise UsageError(f"seed must be an integer (or None for a random one), got {seed!r}")
         units, prime_ids = self.encode_prime(prime, unknown)
         self._check_memory(num_samples, len(prime_ids), length, keeps_text)
         if seed is None:
