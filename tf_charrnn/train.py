@@ -4,7 +4,8 @@ Shapes: K train steps per compiled call, B batch rows, T seq_length, V vocabular
 
 train(config) reads top to bottom: the strategy (cluster.py) -> corpus -> TextLoader -> a
 cluster's workers agree on their settings -> will it fit in memory -> run directory (locked) ->
-model and optimiser under the strategy's scope -> restore the newest good checkpoint -> loop. From the command line a resumed run's config.yaml is the base the flags change
+model and optimiser under the strategy's scope -> restore the newest good checkpoint -> loop.
+From the command line a resumed run's config.yaml is the base the flags change
 (config_from_args). The loop feeds K batches at a time to one compiled call that runs K steps; the
 hidden state is carried from batch to batch within an epoch (truncated BPTT over the loader's
 continuing rows) and reset at each epoch. The learning rate is a function of the step, and for the
