@@ -167,14 +167,19 @@ def free_ports(count):
             sock.close()
 
 
-def run_children(commands, logs, envs, timeout=CHILD_TIMEOUT):
-    """Start every command at once, wait for all within timeout; kill any left in `finally`."""
+def start_children(commands, logs, envs):
+    """Start every command at once, each writing to its log."""
     processes = []
+    for command, log, env in zip(commands, logs, envs):
+        with open(log, "wb") as handle:
+            processes.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                              env=env, cwd=REPO))
+    return processes
+
+
+def wait_all(processes, logs, timeout=CHILD_TIMEOUT):
+    """Wait for all within timeout (together); kill any left in `finally`; their exit codes."""
     try:
-        for command, log, env in zip(commands, logs, envs):
-            with open(log, "wb") as handle:
-                processes.append(subprocess.Popen(command, stdout=handle,
-                                                  stderr=subprocess.STDOUT, env=env, cwd=REPO))
         deadline = time.monotonic() + timeout
         for process in processes:
             process.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -185,7 +190,13 @@ def run_children(commands, logs, envs, timeout=CHILD_TIMEOUT):
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    failed = [str(log) for process, log in zip(processes, logs) if process.returncode != 0]
+    return [process.returncode for process in processes]
+
+
+def run_children(commands, logs, envs, timeout=CHILD_TIMEOUT):
+    """Run every command at once; all must succeed within timeout. Their logs' texts."""
+    codes = wait_all(start_children(commands, logs, envs), logs, timeout)
+    failed = [str(log) for code, log in zip(codes, logs) if code != 0]
     assert not failed, f"children failed ({', '.join(failed)}):\n" + tails(logs)
     return [Path(log).read_text(errors="replace") for log in logs]
 
@@ -452,33 +463,17 @@ def start_cli_workers(corpus, runs_dir, tmp_path, name, extra=((), ()), count=2)
     """`python -m tf_charrnn.train` as each worker of a cluster on 127.0.0.1: (processes, logs)."""
     ports = free_ports(count)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    processes, logs = [], []
+    commands, logs, envs = [], [], []
     for index in range(count):
         logs.append(tmp_path / f"{name}{index}.log")
-        command = [sys.executable, "-m", "tf_charrnn.train", "--corpus", str(corpus),
-                   "--runs-dir", str(runs_dir), "--run", "run", "--strategy", "multi_worker",
-                   "--batch-size", "4", "--seq-length", "8", "--hidden-size", "8",
-                   "--embedding-size", "8", "--val-fraction", "0", *extra[index]]
-        env = child_env(TF_CONFIG=json.dumps({"cluster": cluster,
-                                              "task": {"type": "worker", "index": index}}))
-        with open(logs[-1], "wb") as handle:
-            processes.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                              env=env, cwd=REPO))
-    return processes, logs
-
-
-def wait_all(processes, logs, timeout=CHILD_TIMEOUT):
-    try:
-        for process in processes:
-            process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"children still running after {timeout} s:\n" + tails(logs))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return [process.returncode for process in processes]
+        commands.append([sys.executable, "-m", "tf_charrnn.train", "--corpus", str(corpus),
+                         "--runs-dir", str(runs_dir), "--run", "run", "--strategy",
+                         "multi_worker", "--batch-size", "4", "--seq-length", "8",
+                         "--hidden-size", "8", "--embedding-size", "8", "--val-fraction", "0",
+                         *extra[index]])
+        envs.append(child_env(TF_CONFIG=json.dumps({"cluster": cluster,
+                                                   "task": {"type": "worker", "index": index}})))
+    return start_children(commands, logs, envs), logs
 
 
 def error_lines(log):
