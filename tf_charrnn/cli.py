@@ -132,9 +132,10 @@ def run_cli(main, argv=None):
         tf = sys.modules.get("tensorflow")
         if debug or tf is None or not isinstance(error, tf.errors.ResourceExhaustedError):
             raise
-        if _DISK_FULL.search(str(error)):  # TensorFlow's file writes report ENOSPC this way
-            return _report(f"a write failed: {_DISK_FULL.search(str(error)).group(0)}; free "
-                           f"disk space, then resume the run (its checkpoints are kept)", 1)
+        disk_full = _DISK_FULL.search(str(error))  # TensorFlow's file writes report ENOSPC so
+        if disk_full:
+            return _report(f"a write failed: {disk_full.group(0)}; free disk space, then resume "
+                           f"the run (its checkpoints are kept)", 1)
         found = re.search(r"OOM when allocating tensor with shape\[[\d,]*\]", str(error))
         detail = found.group(0) if found else (str(error).strip().splitlines() or ["?"])[0]
         return _report(f"out of memory ({detail[:160]}): {_MEMORY_HINT}", 1)

@@ -526,12 +526,12 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
             f"run: {run_path}")
         loop = _Loop(config, run, loader, model, optimizer, progress, checkpoint, strategy,
                      worker_gather, chief, total_steps, say, stop, show_progress)
-        if worker_gather is None:
-            return loop.run()
         try:
             return loop.run()
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                 tf.errors.CancelledError, tf.errors.AbortedError) as error:
+            if worker_gather is None:  # not a cluster's collective
+                raise
             newest = run.checkpoints.complete() if chief else None
             raise lost_worker_error(error, chief, newest[0].step if newest else None) from None
     finally:
@@ -905,7 +905,7 @@ def main(argv=None):
     with cli.stdout_outliving_its_reader():  # `train ... | head` must not cost the run
         result = train(config, run_name=args.run, resume=args.resume)
         if result.stopped == "interrupted":  # the shell's code for that signal, else Ctrl-C's
-            return 128 + (signal.Signals[result.signal_name] if result.signal_name else 2)
+            return 128 + int(signal.Signals[result.signal_name or "SIGINT"])
         if not result.chief:
             print(f"worker done at step {result.step}; the cluster's chief saves the run")
             return 0
