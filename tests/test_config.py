@@ -98,3 +98,22 @@ def test_every_override_is_type_checked_even_one_a_later_one_replaces():
 def test_empty_paths_are_refused(section, field):
     with pytest.raises(UsageError, match=f"{section}.{field} must not be empty"):
         apply_overrides(Config(), [(section, field, " ")])
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("train", "learning_rate", float("inf"), "train.learning_rate must be positive and finite"),
+    ("train", "clip_threshold", float("inf"), "train.clip_threshold must be positive and finite"),
+])
+def test_infinite_rates_are_refused(section, field, value, message):
+    with pytest.raises(UsageError, match=message):
+        apply_overrides(Config(), [(section, field, value)])
+
+
+@pytest.mark.parametrize("value", [16.5, True])
+def test_a_model_size_must_be_an_integer(value):
+    import dataclasses
+
+    from tf_charrnn.config import ModelConfig, validate_model
+
+    with pytest.raises(UsageError, match=f"model.hidden_size must be an integer, got {value!r}"):
+        validate_model(dataclasses.replace(ModelConfig(), hidden_size=value))

@@ -206,3 +206,26 @@ def test_a_cache_vocab_that_is_no_json_object_is_rebuilt(tiny_corpus, content):
     loader = TextLoader(tiny_corpus, batch_size=2, seq_length=5, log=messages.append)
     assert any("holds no JSON object" in message for message in messages)
     assert loader.vocab.decode(loader.ids) == tiny_corpus.read_text(encoding="utf-8")
+
+
+def test_a_cache_vocab_cut_short_is_rebuilt(tiny_corpus):
+    """Its cache_key intact, its chars shortened: the ids would index past the vocabulary."""
+    TextLoader(tiny_corpus, batch_size=2, seq_length=5)
+    _, vocab_path = cache_paths(tiny_corpus)
+    meta = json.loads(vocab_path.read_text(encoding="utf-8"))
+    meta["chars"] = meta["chars"][:-5]
+    vocab_path.write_text(json.dumps(meta), encoding="utf-8")
+    messages = []
+    loader = TextLoader(tiny_corpus, batch_size=2, seq_length=5, log=messages.append)
+    assert any("holds ids past the vocabulary" in message for message in messages)
+    assert loader.vocab.decode(loader.ids) == tiny_corpus.read_text(encoding="utf-8")
+
+
+def test_files_written_atomically_are_readable_by_others(tmp_path):
+    from tf_charrnn.files import temp_file_beside, write_atomic
+
+    write_atomic(tmp_path / "a.json", b"{}")
+    handle, temp = temp_file_beside(tmp_path / "b.npy")
+    handle.close()
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert temp.stat().st_mode & 0o777 == 0o644

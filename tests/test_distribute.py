@@ -419,6 +419,8 @@ if __name__ == "__main__":
      "must be a list of \"host:port\" addresses"),
     ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}}',
      '"evaluator".* is not one of its cluster'),
+    ('{"cluster": {"worker": ["a:1", "a:1"]}, "task": {"type": "worker", "index": 0}}',
+     "cluster lists a:1 more than once"),
 ])
 def test_a_bad_tf_config_is_one_usage_error(text, message):
     from tf_charrnn.cluster import read_tf_config
@@ -531,3 +533,14 @@ def test_a_worker_that_dies_leaves_the_other_one_line(tiny_corpus, tmp_path):
     assert line.startswith("error: lost contact with another worker of the cluster (")
     assert "the run's newest checkpoint is step " in line and "start every worker again" in line
     assert run.checkpoints.complete()
+
+
+def test_a_worker_stopped_by_its_own_error_at_start_up_stops_the_others(tiny_corpus, tmp_path):
+    processes, logs = start_cli_workers(
+        tiny_corpus, tmp_path / "runs", tmp_path, "startup",
+        extra=(["--max-steps", "5"], ["--max-steps", "5", "--corpus", str(tmp_path / "none")]))
+    assert wait_all(processes, logs) == [1, 1], tails(logs)
+    assert error_lines(logs[1])[0].startswith("error: corpus file"), tails(logs)
+    [line] = error_lines(logs[0])
+    assert line.startswith("error: another worker of the cluster stopped while the workers were "
+                           "starting (") and line.endswith("start every worker again"), tails(logs)

@@ -461,3 +461,48 @@ def test_a_file_where_the_checkpoints_go_is_one_error(tiny_corpus, tmp_path):
     with pytest.raises(CharRNNError, match=r"could not write checkpoint .*ckpt-2 .*File exists.*"
                                            r"the previous checkpoints are kept"):
         train(config, run_name="blocked", log=lambda *args: None)
+
+
+def test_a_run_under_relative_paths_resumes_from_anywhere(tiny_corpus, tmp_path, monkeypatch,
+                                                          capsys):
+    """Relative --corpus and --runs-dir: config.yaml keeps the corpus's absolute path, and the
+    stop message names the run by its absolute path, which `--run` takes as it is."""
+    from tf_charrnn.train import build_parser, config_from_args
+
+    monkeypatch.chdir(tiny_corpus.parent)
+    config = tiny_config("input.txt", "runs", ("train", "max_steps", 50))
+    result = train(config, run_name="rel", stop_flag=StopAfter(2))
+    assert result.stopped == "interrupted"
+    hint = f"resume with --run {(tiny_corpus.parent / 'runs' / 'rel').resolve()}"
+    assert hint in capsys.readouterr().out
+    assert Run(result.run_path).read_config().data.corpus == str(tiny_corpus.resolve())
+    monkeypatch.chdir(tmp_path)  # elsewhere, as the hint says
+    args = build_parser().parse_args(["--run", hint.split()[-1], "--max-steps", "6"])
+    resumed = train(config_from_args(args), run_name=args.run, log=lambda *a: None)
+    assert resumed.step == 6 and len(resumed.losses) == 6 - result.step
+
+
+def test_a_run_started_but_not_yet_saved_keeps_its_settings(tiny_corpus, tmp_path):
+    """`--run NAME` of a run with config.yaml but no checkpoint yet (still training, or stopped
+    before its first save) takes that config.yaml, not the defaults' corpus."""
+    from tf_charrnn.data import Vocab
+    from tf_charrnn.train import build_parser, config_from_args
+
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 3))
+    Run(tmp_path / "runs" / "early").write_metadata(config, Vocab("ab"), {})
+    args = build_parser().parse_args(["--runs-dir", str(tmp_path / "runs"), "--run", "early"])
+    assert config_from_args(args).data.corpus == str(tiny_corpus)
+
+
+def test_a_tilde_in_a_path_flag_or_recipe_is_the_home_directory(tmp_path):
+    from tf_charrnn.config import load_config
+    from tf_charrnn.train import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--corpus", "shakespeare", "--runs-dir", "~/somewhere",
+                                      "--data-dir", "~/data"])
+    config = config_from_args(args)
+    assert config.train.runs_dir == str(Path.home() / "somewhere")
+    assert config.data.data_dir == str(Path.home() / "data")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  runs_dir: ~/runs\n")
+    assert load_config(recipe).train.runs_dir == str(Path.home() / "runs")

@@ -50,14 +50,20 @@ def add_debug_flag(parser):
                         help="show full tracebacks instead of one-line errors")
 
 
+def path_argument(text):
+    """argparse type of a path flag: a leading ~ or ~user expanded, as an unquoted one is by the
+    shell (an unknown user's ~name stays as it is, as there)."""
+    return os.path.expanduser(text)
+
+
 def add_run_arguments(parser):
     """--run DIR | --checkpoint PATH, and --runs-dir: which trained model a command uses."""
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--run", metavar="DIR",
+    where.add_argument("--run", metavar="DIR", type=path_argument,
                        help="run directory (default: the most recent run under --runs-dir)")
-    where.add_argument("--checkpoint", metavar="PATH",
+    where.add_argument("--checkpoint", metavar="PATH", type=path_argument,
                        help="a checkpoint prefix, e.g. runs/NAME/checkpoints/ckpt-1000")
-    parser.add_argument("--runs-dir", default="runs", metavar="DIR",
+    parser.add_argument("--runs-dir", default="runs", metavar="DIR", type=path_argument,
                         help="where to look for the most recent run (default: runs)")
 
 

@@ -45,6 +45,11 @@ def read_tf_config(text):
         if not isinstance(addresses, list) or not all(map(_is_address, addresses)):
             raise UsageError(f"TF_CONFIG's cluster {job!r} must be a list of \"host:port\" "
                              f"addresses, got {addresses!r}")
+    addresses = [address for job in cluster.values() for address in job]
+    repeated = sorted({address for address in addresses if addresses.count(address) > 1})
+    if repeated:
+        raise UsageError(f"TF_CONFIG's cluster lists {', '.join(repeated)} more than once: give "
+                         f"each task its own host:port")
     if len(cluster.get("chief", [None])) != 1:
         raise UsageError("TF_CONFIG's cluster may have one \"chief\", not "
                          f"{len(cluster['chief'])}")
@@ -203,6 +208,23 @@ def check_workers_agree(gather, step, run_path):
         raise CharRNNError(f"the workers start from different steps ({', '.join(map(str, steps))}):"
                            f" every worker must read the chief's run {run_path}, so give them one "
                            f"shared runs_dir")
+
+
+@contextlib.contextmanager
+def lost_workers_reported(chief, newest_step=lambda: None, starting=False):
+    """A collective that fails because another worker went away (killed, or stopped by its own
+    error at start-up) becomes one line; newest_step() is the run's newest checkpoint step."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError, tf.errors.AbortedError) as error:
+        if starting:
+            raise CharRNNError(f"another worker of the cluster stopped while the workers were "
+                               f"starting ({type(error).__name__} in a collective): see its "
+                               f"error, then start every worker again") from None
+        raise lost_worker_error(error, chief, newest_step()) from None
 
 
 def lost_worker_error(error, chief, newest_step):

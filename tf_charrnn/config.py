@@ -7,6 +7,8 @@ Named options are validated here, in one place, against the `*_CHOICES` tuples.
 
 import codecs
 import dataclasses
+import math
+import os
 import typing
 from pathlib import Path
 
@@ -101,6 +103,7 @@ class Config:
 
 
 SECTIONS = {field.name: field.type for field in dataclasses.fields(Config)}
+PATH_FIELDS = {"data": ("data_dir", "source"), "train": ("runs_dir",)}  # ~ expanded
 
 
 def _check_type(key, value, annotation):
@@ -141,8 +144,12 @@ def _section_from_dict(name, values):
         if key not in known:
             raise UsageError(f"unknown config key '{name}.{key}': known keys are "
                              f"{', '.join(sorted(known))}")
-    return section_type(**{key: _check_type(f"{name}.{key}", value, hints[key])
-                            for key, value in values.items()})
+    checked = {key: _check_type(f"{name}.{key}", value, hints[key])
+               for key, value in values.items()}
+    for key in PATH_FIELDS.get(name, ()):  # `runs_dir: ~/runs` in a recipe, as a shell would
+        if isinstance(checked.get(key), str):
+            checked[key] = os.path.expanduser(checked[key])
+    return section_type(**checked)
 
 
 def config_from_dict(values):
@@ -237,6 +244,10 @@ def _require_choice(key, value, choices):
 
 def validate_model(model):
     """The model section's checks (build_model runs them on a ModelConfig alone)."""
+    for key in ("num_layers", "hidden_size", "embedding_size"):
+        value = getattr(model, key)
+        _require(isinstance(value, int) and not isinstance(value, bool), f"model.{key}",
+                 f"must be an integer, got {value!r}")
     _require_choice("model.cell", model.cell, CELL_CHOICES)
     _require(model.num_layers > 0, "model.num_layers", f"must be positive, got {model.num_layers}")
     _require(model.hidden_size > 0, "model.hidden_size",
@@ -269,8 +280,8 @@ def validate(config):
              f"'{data.encoding}'")
     validate_model(model)
     _require_choice("train.optimizer", train.optimizer, OPTIMIZER_CHOICES)
-    _require(train.learning_rate > 0, "train.learning_rate",
-             f"must be positive, got {train.learning_rate}")
+    _require(0 < train.learning_rate < math.inf, "train.learning_rate",
+             f"must be positive and finite, got {train.learning_rate}")
     _require_choice("train.schedule", train.schedule, SCHEDULE_CHOICES)
     _require(0.0 < train.decay_rate <= 1.0, "train.decay_rate",
              f"must be in (0, 1], got {train.decay_rate}")
@@ -279,8 +290,8 @@ def validate(config):
     _require(0.0 < train.cooldown_fraction <= 1.0, "train.cooldown_fraction",
              f"must be in (0, 1], got {train.cooldown_fraction}")
     _require_choice("train.clip", train.clip, CLIP_CHOICES)
-    _require(train.clip_threshold > 0, "train.clip_threshold",
-             f"must be positive, got {train.clip_threshold}")
+    _require(0 < train.clip_threshold < math.inf, "train.clip_threshold",
+             f"must be positive and finite, got {train.clip_threshold}")
     _require_choice("train.loss_reduction", train.loss_reduction, LOSS_REDUCTION_CHOICES)
     _require(train.epochs > 0, "train.epochs", f"must be positive, got {train.epochs}")
     _require(train.max_steps is None or train.max_steps > 0, "train.max_steps",

@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path
 
 from tf_charrnn.errors import CharRNNError, UsageError
-from tf_charrnn.files import sha256_file, temp_file_beside, write_atomic
+from tf_charrnn.files import sha256_file, temp_file_beside, user_path, write_atomic
 
 KNOWN_CORPORA = ("linux_kernel", "shakespeare")
 
@@ -62,15 +62,6 @@ DOWNLOAD_TIMEOUT_S = 60
 
 MANIFEST_FORMAT = 1
 _CHUNK = 1 << 20
-
-
-def user_path(text, what):
-    """Path(text) with a leading ~ or ~user expanded; an unknown user is a CharRNNError."""
-    try:
-        return Path(text).expanduser()
-    except RuntimeError:  # ~user of no user on this machine
-        raise CharRNNError(f"{what} {text}: no such user's home directory; give the path in "
-                           f"full") from None
 
 
 def resolve_corpus(corpus: str, data_dir, *, source=None, max_bytes=None, url=None,

@@ -233,6 +233,8 @@ class CorpusIds:
             ids = np.load(data_path, mmap_mode="r", allow_pickle=False)
             if ids.ndim != 1 or ids.dtype != vocab.dtype or len(ids) != meta.get("num_chars"):
                 raise ValueError("data.npy shape or dtype mismatch")
+            if len(ids) and int(ids.max()) >= len(vocab):  # vocab.json's chars cut short
+                raise ValueError(f"data.npy holds ids past the vocabulary's {len(vocab)}")
         except (OSError, ValueError, CharRNNError) as error:
             log(f"warning: ignoring corrupt cache {data_path} ({error}); rebuilding it")
             return None

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tf_charrnn.cli import ArgumentParser, add_debug_flag, add_run_arguments, run_cli
+from tf_charrnn.cli import (ArgumentParser, add_debug_flag, add_run_arguments, path_argument,
+                            run_cli)
 from tf_charrnn.errors import CharRNNError
 from tf_charrnn.kernels import portable_loops
 from tf_charrnn.sample import CHUNK_LENGTH, SEED_MODULUS, default_prime, make_chunk_function
@@ -235,7 +236,7 @@ def build_parser():
                     "Hangul jamo the prime is decomposed and the text recomposed into syllables "
                     "inside the graph (length counts jamo).")
     add_run_arguments(parser)
-    parser.add_argument("--out", required=True, metavar="DIR",
+    parser.add_argument("--out", required=True, metavar="DIR", type=path_argument,
                         help="new (or empty) directory for the SavedModel")
     parser.add_argument("--no-xla", dest="jit_compile", action="store_false",
                         help="do not compile the generation loop with XLA (for a TensorFlow "

@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from tf_charrnn.errors import CharRNNError
+
 _BLOCK = 1 << 22
 
 
@@ -22,10 +24,21 @@ def sha256_file(path):
 
 
 def temp_file_beside(path):
-    """A new (handle, path) temp file in path's directory, so os.replace onto path is atomic."""
+    """A new (handle, path) temp file in path's directory, so os.replace onto path is atomic.
+    Its mode is 0644 (mkstemp's 0600 would keep the file from other users after os.replace)."""
     path = Path(path)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
     return os.fdopen(fd, "wb"), Path(temp)
+
+
+def user_path(text, what):
+    """Path(text) with a leading ~ or ~user expanded; an unknown user is a CharRNNError."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~user of no user on this machine
+        raise CharRNNError(f"{what} {text}: no such user's home directory; give the path in "
+                           f"full") from None
 
 
 def write_atomic(path, payload):
@@ -37,7 +50,6 @@ def write_atomic(path, payload):
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)

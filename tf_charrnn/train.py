@@ -31,7 +31,7 @@ import numpy as np
 
 from tf_charrnn import cli
 from tf_charrnn.cluster import (check_workers_agree, check_workers_share_settings, is_chief,
-                                is_multi_worker, lost_worker_error, make_strategy,
+                                is_multi_worker, lost_workers_reported, make_strategy,
                                 make_worker_gather, shared_settings)
 from tf_charrnn.config import (CONFIGS_DIR, Config, TrainConfig, apply_overrides, load_config,
                                parse_override, recipe_path)
@@ -433,7 +433,7 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
     import keras
     import tensorflow as tf
 
-    from tf_charrnn.corpora import resolve_corpus
+    from tf_charrnn.corpora import KNOWN_CORPORA, resolve_corpus
     from tf_charrnn.data import TextLoader
     from tf_charrnn.memory import check_fits
     from tf_charrnn.models import build_model, parameter_count
@@ -450,12 +450,18 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
 
     input_path = resolve_corpus(data.corpus, Path(data.data_dir), source=data.source,
                                 max_bytes=data.max_bytes, url=data.url, log=say)
+    if data.corpus not in KNOWN_CORPORA:  # a path: config.yaml keeps it whole, so that the run
+        # resumes from any working directory
+        data = dataclasses.replace(data, corpus=str(Path(data.corpus).expanduser().resolve()))
+        config = dataclasses.replace(config, data=data)
     loader = TextLoader.from_config(data, input_path, log=say)
     vocab = loader.vocab
-    corpus = {"path": str(input_path), "sha256": loader.sha256, "encoding": loader.encoding,
-              "num_chars": int(len(loader.ids))}
+    corpus = {"path": str(input_path.resolve()), "sha256": loader.sha256,
+              "encoding": loader.encoding, "num_chars": int(len(loader.ids))}
     if worker_gather is not None:
-        check_workers_share_settings(worker_gather, shared_settings(config, loader.sha256, vocab))
+        with lost_workers_reported(chief, starting=True):
+            check_workers_share_settings(worker_gather,
+                                         shared_settings(config, loader.sha256, vocab))
 
     if not visible_gpus():  # on a GPU the weights and activations are in its memory, not here
         check_fits(training_memory_bytes(config, len(vocab)),
@@ -517,7 +523,8 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
                 return TrainResult(run_path, step, int(progress.epoch.numpy()), [],
                                    info.metrics.get("val_loss", float("nan")), "done", chief)
         if worker_gather is not None:
-            check_workers_agree(worker_gather, int(optimizer.iterations.numpy()), run_path)
+            with lost_workers_reported(chief, starting=True):
+                check_workers_agree(worker_gather, int(optimizer.iterations.numpy()), run_path)
         if chief:
             run.write_metadata(config, vocab, corpus)
         say(model.summary_line())
@@ -526,14 +533,14 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
             f"run: {run_path}")
         loop = _Loop(config, run, loader, model, optimizer, progress, checkpoint, strategy,
                      worker_gather, chief, total_steps, say, stop, show_progress)
-        try:
+        if worker_gather is None:
             return loop.run()
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                tf.errors.CancelledError, tf.errors.AbortedError) as error:
-            if worker_gather is None:  # not a cluster's collective
-                raise
-            newest = run.checkpoints.complete() if chief else None
-            raise lost_worker_error(error, chief, newest[0].step if newest else None) from None
+        def newest_step():  # when a worker is lost: the chief's newest checkpoint by then
+            newest = run.checkpoints.complete() if chief else []
+            return newest[0].step if newest else None
+
+        with lost_workers_reported(chief, newest_step):
+            return loop.run()
     finally:
         if created and not run.exists():
             # A new run that failed before its first file (a mistyped --resume --run, a directory
@@ -667,7 +674,8 @@ class _Loop:
         line.close()
         if stopped == "interrupted":
             self.say(f"stopped by {self.stop.signal_name or 'a signal to another worker'} at step "
-                     f"{self.step}; checkpoint saved: resume with --run {self.run_dir.path}")
+                     f"{self.step}; checkpoint saved: resume with --run "
+                     f"{self.run_dir.path.resolve()}")
         if self.writer is not None:
             self.writer.flush()
         return TrainResult(self.run_dir.path, self.step, int(self.progress.epoch.numpy()), losses,
@@ -820,6 +828,10 @@ FIELD_FLAGS = {
 }
 
 
+# Flags naming a path: a leading ~ is expanded even when quoted (a shell expands it unquoted).
+PATH_FLAGS = {("data", "corpus"), ("data", "data_dir"), ("data", "source"), ("train", "runs_dir")}
+
+
 def build_parser():
     import typing
 
@@ -831,8 +843,9 @@ def build_parser():
                     "with --set section.field=value; the common ones also have flags.")
     parser.add_argument("--config", help="a YAML recipe (default: configs/<corpus>.yaml when it "
                                          f"exists; recipes live in {CONFIGS_DIR})")
-    parser.add_argument("--run", help="run name under runs_dir (default: corpus and time); "
-                                      "an existing run is resumed")
+    parser.add_argument("--run", type=cli.path_argument,
+                        help="run name under runs_dir, or a run directory's path (default: "
+                             "corpus and time); an existing run is resumed")
     parser.add_argument("--resume", action="store_true",
                         help="resume --run, or the most recent run when --run is not given")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -845,6 +858,8 @@ def build_parser():
             kind = hints[name]
             inner = [a for a in typing.get_args(kind) if a is not type(None)]
             kind = inner[0] if inner else kind
+            if (section, name) in PATH_FLAGS:
+                kind = cli.path_argument
             parser.add_argument(f"--{name.replace('_', '-')}", dest=f"{section}.{name}",
                                 type=kind, default=None, metavar=name.upper(),
                                 help=f"{section}.{name}")
@@ -855,8 +870,9 @@ def build_parser():
 def config_from_args(args):
     """The Config to train with: a base with the command line's flags and --set applied.
 
-    The base is the run's own config.yaml when --run (or --resume) names a run that has a
-    checkpoint, so `--run NAME` alone continues it as it was set up; else --config, or
+    The base is the run's own config.yaml when --run (or --resume) names an existing run (one
+    with a checkpoint, or started but not saved yet), so `--run NAME` alone continues it as it
+    was set up; else --config, or
     configs/<corpus>.yaml (with its own corpus), or the defaults. --config given with an
     existing run is the base instead of config.yaml; either way a resumed run refuses a change
     to what its checkpoint holds (see runs.describe_mismatch).
@@ -888,13 +904,13 @@ def config_from_args(args):
 
 
 def saved_run_config(runs_dir, run_name, resume):
-    """config.yaml of the run that --run/--resume names, when it has a checkpoint; else None."""
+    """config.yaml of the run that --run/--resume names, when it has one; else None."""
     from tf_charrnn.runs import Run, latest_run
 
     if run_name is None and not resume:
         return None
     run = Run(Path(runs_dir) / run_name if run_name is not None else latest_run(runs_dir))
-    if not (run.exists() and run.has_checkpoint()):
+    if not run.exists():  # with or without a checkpoint yet: the settings it was started with
         return None
     return run.read_config()
 
