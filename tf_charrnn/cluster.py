@@ -107,8 +107,8 @@ def start_multi_worker(cluster, task_type, index, log):
     workers = sum(len(addresses) for addresses in cluster.values())
     log(f"{task_type} {index} ({address}): waiting for the cluster's {workers} workers in "
         f"TF_CONFIG to start (Ctrl-C stops it)")
-    with contextlib.suppress(OSError, ValueError):  # ValueError: not the main thread
-        sys.stdout.flush()
+    with contextlib.suppress(OSError, ValueError):  # the line shows now, even in a log file
+        sys.stdout.flush()  # (ValueError: a closed stdout)
     try:
         with _default_sigint():
             return tf.distribute.MultiWorkerMirroredStrategy()

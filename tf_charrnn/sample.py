@@ -364,10 +364,10 @@ def find_stop(text, stop, jamo=False):
     """The index just after the first occurrence of stop in text, else -1. In jamo text an
     occurrence counts only where a syllable ends: '하' (L V) is no stop inside '학' (L V T), and
     one that ends text with a vowel is not known yet (a final consonant may follow)."""
+    open_vowel = jamo and _V_FIRST <= stop[-1] <= _V_LAST
     start = text.find(stop)
     while start >= 0:
         end = start + len(stop)
-        open_vowel = jamo and _V_FIRST <= stop[-1] <= _V_LAST
         if not open_vowel or (end < len(text) and not _T_FIRST <= text[end] <= _T_LAST):
             return end
         start = text.find(stop, start + 1)
@@ -415,7 +415,8 @@ def known_prime(prime, vocab, hangul_jamo=False):
     order); for a jamo run a syllable counts as lacking when one of its jamo is."""
     split = decompose_hangul if hangul_jamo else (lambda char: char)
     missing = [char for char in dict.fromkeys(prime) if vocab.unknown_chars(split(char))]
-    return "".join(char for char in prime if char not in set(missing)), missing
+    dropped = set(missing)
+    return "".join(char for char in prime if char not in dropped), missing
 
 
 def check_sampling_options(length=1000, temperature=1.0, top_k=0, top_p=1.0, num_samples=1,
