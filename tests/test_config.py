@@ -117,3 +117,9 @@ def test_a_model_size_must_be_an_integer(value):
 
     with pytest.raises(UsageError, match=f"model.hidden_size must be an integer, got {value!r}"):
         validate_model(dataclasses.replace(ModelConfig(), hidden_size=value))
+
+
+def test_a_floor_above_the_rate_is_refused():
+    with pytest.raises(UsageError, match=r"train.min_learning_rate must be in \[0, "
+                                         r"train.learning_rate\], got 0.5"):
+        apply_overrides(Config(), [("train", "min_learning_rate", 0.5)])

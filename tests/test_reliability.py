@@ -631,3 +631,10 @@ def test_a_checkpoint_pruned_while_the_sampler_reads_it_gives_way_to_a_newer_one
     loaded = load_run(run_path, log=lambda *args: None)
     assert loaded.checkpoint.step == 8 and len(calls) == 2
     assert store.complete()[0].step == 8
+
+
+def test_a_checkpoint_directory_names_its_newest_checkpoint(trained):
+    """`--checkpoint RUN/best` or `RUN/checkpoints`: the newest good one there."""
+    _, run_path = trained
+    loaded = load_run(checkpoint=run_path / "checkpoints", log=lambda *args: None)
+    assert loaded.checkpoint.step == 8 and loaded.run.path == run_path

@@ -771,3 +771,13 @@ def test_a_batch_of_samples_too_large_for_memory_is_refused_before_allocating(mo
     pieces = generator.stream("ab", 2 ** 31 - 1, seed=1, num_samples=64)
     assert next(pieces) == ["ab"] * 64
     pieces.close()
+
+
+def test_argmax_takes_any_temperature_even_zero():
+    from tf_charrnn.config import SampleConfig
+    from tf_charrnn.sample import build_parser, sampling_options
+
+    args = build_parser().parse_args(["--argmax", "--temperature", "0"])
+    assert sampling_options(args, SampleConfig())["temperature"] == 1.0
+    args = build_parser().parse_args(["--temperature", "0.5"])
+    assert sampling_options(args, SampleConfig())["temperature"] == 0.5

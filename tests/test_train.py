@@ -315,24 +315,27 @@ def test_learning_rate_decays_per_epoch_as_a_pure_function_of_the_step():
 def test_warmup_then_cosine_reaches_the_floor():
     config = TrainConfig(learning_rate=1.0, schedule="cosine", warmup_steps=10,
                          min_learning_rate=0.1)
-    assert float(learning_rate_at(0, config, 50, 110)) == pytest.approx(0.1)
-    assert float(learning_rate_at(9, config, 50, 110)) == pytest.approx(1.0)
-    assert float(learning_rate_at(60, config, 50, 110)) == pytest.approx(0.55)
-    assert float(learning_rate_at(110, config, 50, 110)) == pytest.approx(0.1)
+    # 111 steps, indices 0-110: 10 of warmup, then 100 of decay; the last one trains at the floor.
+    assert float(learning_rate_at(0, config, 50, 111)) == pytest.approx(0.1)
+    assert float(learning_rate_at(9, config, 50, 111)) == pytest.approx(1.0)
+    assert float(learning_rate_at(60, config, 50, 111)) == pytest.approx(0.55)
+    assert float(learning_rate_at(110, config, 50, 111)) == pytest.approx(0.1)
+    wsd = TrainConfig(learning_rate=1.0, schedule="wsd", min_learning_rate=0.0)
+    assert float(learning_rate_at(19, wsd, 50, 20)) == pytest.approx(0.0)
 
 
 def test_cosine_and_wsd_follow_the_steps_or_the_time_budget_whichever_is_further():
     config = TrainConfig(learning_rate=1.0, schedule="cosine", max_seconds=60.0)
     assert float(learning_rate_at(0, config, 50, 1000, seconds_trained=30)) == pytest.approx(0.5)
-    assert float(learning_rate_at(500, config, 50, 1000, seconds_trained=15)) == pytest.approx(0.5)
+    assert float(learning_rate_at(500, config, 50, 1001, seconds_trained=15)) == pytest.approx(0.5)
     assert float(learning_rate_at(10, config, 50, 1000, seconds_trained=90)) == pytest.approx(0.0)
     no_budget = TrainConfig(learning_rate=1.0, schedule="cosine")
-    assert float(learning_rate_at(500, no_budget, 50, 1000, 30)) == pytest.approx(0.5)
+    assert float(learning_rate_at(500, no_budget, 50, 1001, 30)) == pytest.approx(0.5)
     wsd = TrainConfig(learning_rate=1.0, schedule="wsd", cooldown_fraction=0.2,
                       min_learning_rate=0.1, max_seconds=60.0)
     assert float(learning_rate_at(700, wsd, 50, 1000, seconds_trained=30)) == pytest.approx(1.0)
     assert float(learning_rate_at(0, wsd, 50, 1000, seconds_trained=54)) == pytest.approx(0.55)
-    assert float(learning_rate_at(900, wsd, 50, 1000, seconds_trained=30)) == pytest.approx(0.55)
+    assert float(learning_rate_at(900, wsd, 50, 1001, seconds_trained=30)) == pytest.approx(0.55)
     assert float(learning_rate_at(0, wsd, 50, 1000, seconds_trained=61)) == pytest.approx(0.1)
     exponential = TrainConfig(learning_rate=0.002, decay_rate=0.97, max_seconds=60.0)
     assert float(learning_rate_at(0, exponential, 100, 1000, 55)) == pytest.approx(0.002)
@@ -506,3 +509,14 @@ def test_a_tilde_in_a_path_flag_or_recipe_is_the_home_directory(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  runs_dir: ~/runs\n")
     assert load_config(recipe).train.runs_dir == str(Path.home() / "runs")
+
+
+def test_the_logged_rate_is_the_one_each_step_trained_with(tiny_corpus, tmp_path):
+    """Warmup over 4 steps: step 1 trains at a quarter of the rate, step 2 at half, ..."""
+    config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 3),
+                         ("train", "log_every", 1), ("train", "steps_per_call", 1),
+                         ("train", "schedule", "constant"), ("train", "warmup_steps", 4),
+                         ("train", "learning_rate", 1.0))
+    result = train(config, run_name="lr", log=lambda *args: None, show_progress=False)
+    rates = read_scalars(result.run_path)[0]["learning_rate"]
+    assert rates == [(1, pytest.approx(0.25)), (2, pytest.approx(0.5)), (3, pytest.approx(0.75))]

@@ -286,7 +286,9 @@ def validate(config):
     _require(0.0 < train.decay_rate <= 1.0, "train.decay_rate",
              f"must be in (0, 1], got {train.decay_rate}")
     _require(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _require(train.min_learning_rate >= 0, "train.min_learning_rate", "must be >= 0")
+    _require(0 <= train.min_learning_rate <= train.learning_rate, "train.min_learning_rate",
+             f"must be in [0, train.learning_rate], got {train.min_learning_rate} (the floor "
+             f"cosine and wsd decay to)")
     _require(0.0 < train.cooldown_fraction <= 1.0, "train.cooldown_fraction",
              f"must be in (0, 1], got {train.cooldown_fraction}")
     _require_choice("train.clip", train.clip, CLIP_CHOICES)

@@ -342,8 +342,14 @@ def restore_checkpoint(checkpoint, info, vocab, what="model"):
 
 
 def resolve_checkpoint_path(path):
-    """--checkpoint PATH (a ckpt-N prefix, or one of its files) -> (run dir, CheckpointInfo)."""
+    """--checkpoint PATH (a ckpt-N prefix, or one of its files, or a run's checkpoints/ or
+    best/ directory: its newest good checkpoint) -> (run dir, CheckpointInfo)."""
     path = Path(path)
+    if path.is_dir() and CheckpointStore(path).complete():
+        newest = CheckpointStore(path).newest_good()
+        if newest is None:
+            raise CharRNNError(f"every checkpoint in {path} is damaged: give another one")
+        return path.parent, newest
     name = re.sub(r"\.(index|manifest\.json|data-\d+-of-\d+)$", "", path.name)
     prefix = path.with_name(name)
     store = CheckpointStore(prefix.parent)

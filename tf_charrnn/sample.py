@@ -735,7 +735,8 @@ def sampling_options(args, sample_config):
         return getattr(sample_config, field) if flag is None else flag
 
     return {"prime": pick(args.prime, "prime"), "length": pick(args.length, "length"),
-            "temperature": pick(args.temperature, "temperature"),
+            # --argmax takes the likeliest id whatever the temperature (even 0, then unused)
+            "temperature": 1.0 if args.argmax else pick(args.temperature, "temperature"),
             "top_k": pick(args.top_k, "top_k"), "top_p": pick(args.top_p, "top_p"),
             "argmax": args.argmax, "seed": args.seed, "num_samples": args.num_samples,
             "stop": None if args.stop is None else parse_escapes(args.stop),

@@ -62,7 +62,8 @@ def learning_rate_at(step, train_config: TrainConfig, steps_per_epoch, total_ste
         epoch = tf.floor(step / float(max(steps_per_epoch, 1)))
         rate = base * tf.pow(train_config.decay_rate, epoch)
     elif train_config.schedule in ("cosine", "wsd"):
-        span = float(max(total_steps - train_config.warmup_steps, 1))
+        # Step indices run from 0 to total_steps - 1: the last one trains at the floor.
+        span = float(max(total_steps - 1 - train_config.warmup_steps, 1))
         progress = tf.clip_by_value((step - train_config.warmup_steps) / span, 0.0, 1.0)
         if train_config.max_seconds:
             spent = tf.cast(seconds_trained, tf.float32) / float(train_config.max_seconds)
@@ -582,9 +583,10 @@ class _Loop:
         return int(self.optimizer.iterations.numpy())
 
     def _learning_rate(self):
+        """The rate the last step trained with (the optimiser's count is past it by one)."""
         t = self.config.train
-        return float(learning_rate_at(self.step, t, self.loader.num_batches, self.total_steps,
-                                      self._seconds_trained()))
+        return float(learning_rate_at(max(self.step - 1, 0), t, self.loader.num_batches,
+                                      self.total_steps, self._seconds_trained()))
 
     def _seconds_trained(self):
         return float(self.progress.seconds_trained.numpy())
