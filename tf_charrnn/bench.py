@@ -430,7 +430,7 @@ def check_arguments(args):
 
 def check_writable_file(path, flag):
     """Fail unless path can be written (a file, new or existing, in a writable directory)."""
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent  # "." for a bare file name
     if path.is_dir() or not parent.is_dir():
         problem = "is a directory" if path.is_dir() else "its directory does not exist"
         raise UsageError(f"{flag} {path}: {problem}; give a file path in an existing directory")

@@ -213,29 +213,25 @@ def check_workers_agree(gather, step, run_path):
 @contextlib.contextmanager
 def lost_workers_reported(chief, newest_step=lambda: None, starting=False):
     """A collective that fails because another worker went away (killed, or stopped by its own
-    error at start-up) becomes one line; newest_step() is the run's newest checkpoint step."""
+    error at start-up) becomes one line; newest_step() is the chief's newest checkpoint step
+    (None: none yet)."""
     import tensorflow as tf
 
     try:
         yield
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
             tf.errors.CancelledError, tf.errors.AbortedError) as error:
+        failure = f"{type(error).__name__} in a collective"
         if starting:
             raise CharRNNError(f"another worker of the cluster stopped while the workers were "
-                               f"starting ({type(error).__name__} in a collective): see its "
-                               f"error, then start every worker again") from None
-        raise lost_worker_error(error, chief, newest_step()) from None
-
-
-def lost_worker_error(error, chief, newest_step):
-    """The one line for a collective that failed because another worker went away; newest_step
-    is the chief's newest checkpoint (None: none yet)."""
-    if not chief:
-        saved = "the chief's run keeps its newest checkpoint"
-    elif newest_step is None:
-        saved = "no checkpoint had been saved yet"
-    else:
-        saved = f"the run's newest checkpoint is step {newest_step}"
-    return CharRNNError(f"lost contact with another worker of the cluster "
-                        f"({type(error).__name__} in a collective); {saved}: start every worker "
-                        f"again to resume")
+                               f"starting ({failure}): see its error, then start every worker "
+                               f"again") from None
+        step = newest_step() if chief else None
+        if not chief:
+            saved = "the chief's run keeps its newest checkpoint"
+        elif step is None:
+            saved = "no checkpoint had been saved yet"
+        else:
+            saved = f"the run's newest checkpoint is step {step}"
+        raise CharRNNError(f"lost contact with another worker of the cluster ({failure}); "
+                           f"{saved}: start every worker again to resume") from None

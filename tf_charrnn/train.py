@@ -537,7 +537,7 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
         if worker_gather is None:
             return loop.run()
         def newest_step():  # when a worker is lost: the chief's newest checkpoint by then
-            newest = run.checkpoints.complete() if chief else []
+            newest = run.checkpoints.complete()
             return newest[0].step if newest else None
 
         with lost_workers_reported(chief, newest_step):
