@@ -269,6 +269,40 @@ def test_native_loops_equal_xla_loops_for_each_way_of_splitting_the_work(kind, s
         _assert_all_close(sums, want_sums, 1e-4)
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_native_backward_loop_gives_the_same_bits_every_call(kind):
+    """A seed's run repeats bit for bit only if the loops do. The op's scratch (the blocks' bias
+    sums) lands wherever the heap has room, which the arrays kept between calls move; where it
+    once sat in a std::vector, Eigen's vectorised sums started at its first aligned column, and
+    the bias gradients' last bits changed with it from call to call."""
+    _needs_loops("native")
+    math = kernels._MATHS[kind]
+    rng = np.random.default_rng(9)
+    steps, batch, units = 7, 24, 40
+    gates = {"lstm": 4, "gru": 3, "simple_rnn": 1}[kind] * units
+    bias = rng.standard_normal((2, gates) if kind == "gru" else gates)
+    _, _, _, consts = math.prepare(tf.constant(rng.standard_normal((D, gates)), tf.float32),
+                                   tf.constant(rng.standard_normal((units, gates)) / 4,
+                                               tf.float32),
+                                   tf.constant(bias, tf.float32))
+    xw = tf.constant(rng.standard_normal((steps, batch, gates)), tf.float32)
+    states0 = tuple(tf.constant(rng.standard_normal((batch, units)), tf.float32)
+                    for _ in range(math.n_states))
+    d_hs = tf.constant(rng.standard_normal((steps, batch, units)), tf.float32)
+    _, _, jacs = kernels._native_forward_loop(kind, True, xw, states0, consts)
+    u_t = tf.transpose(consts[0])
+    kept = []  # the heap moves under the op's allocations: arrays of odd sizes, kept
+    first = None
+    for call in range(24):
+        kept.append(np.empty(int(rng.integers(1, 3000)), np.uint8))
+        results = [t.numpy() for t in tf.nest.flatten(
+            kernels._native_backward_loop(kind, jacs, d_hs, states0, u_t))]
+        if first is None:
+            first = results
+        for got, want in zip(results, first):
+            np.testing.assert_array_equal(got, want, err_msg=f"call {call}")
+
+
 def test_native_ops_reject_inconsistent_shapes_and_take_empty_sequences():
     _needs_loops("native")
     library = native.library()

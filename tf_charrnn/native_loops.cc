@@ -920,9 +920,12 @@ class BackwardOp : public OpKernel {
     // Each block sums its own rows into its own slice; the slices are added up after.
     const Plan plan = MakePlan(context, steps, batch, units, split_);
     const int blocks = plan.blocks;
-    std::vector<float> partial(static_cast<size_t>(blocks) * kind_.arrays * gates, 0.0f);
+    // On Eigen's aligned heap: a std::vector's start moved within a cache line from call to call,
+    // and Eigen's vectorised column sums peel their first columns to alignment as scalar sums in
+    // another order, so the same inputs gave bias gradients differing in their last bits.
+    Matrix partial = Matrix::Zero(blocks * kind_.arrays, gates);
     auto slice = [&](int block, int array) {
-      return partial.data() + (static_cast<size_t>(block) * kind_.arrays + array) * gates;
+      return partial.row(block * kind_.arrays + array).data();
     };
     const ConstMatrixMap u_t_map(u_t.flat<float>().data(), gates, units);
     RunBlocks(context, batch, units, plan, [&](const Block& block) {
@@ -1091,7 +1094,9 @@ inline int32_t DrawScaled(float* scaled, int64_t vocab, float uniform, float* su
 // shifted to a maximum of 0 and divided by the temperature; top_k > 0 keeps the logits at least
 // the k-th largest; top_p < 1 then keeps the largest ones while the probability before them is
 // under top_p; the id is where the cumulative weights first pass uniform x their total
-// (DrawScaled). scaled: [V] scratch, ordered: [V rounded up to 16s] scratch.
+// (DrawScaled). scaled: [V] scratch, ordered: [V rounded up to 16s] scratch, both on Eigen's
+// aligned heap: Eigen computes an unaligned array's first elements one by one, and its scalar exp
+// is not its vector one, so where a buffer started would change the weights' last bits.
 int32_t DrawRow(const float* logits, int64_t vocab, const DrawOptions& options, float uniform,
                 float* scaled, float* ordered) {
   using Array = Eigen::Array<float, Eigen::Dynamic, 1>;
@@ -1505,7 +1510,7 @@ class Draws {
   static constexpr int64_t kMinLaneRows = 8;  // fewer: the rows' own draws cost less
   const Generation& g_;
   int64_t rows_, lane_rows_ = 0;
-  std::vector<float> scaled_, ordered_;
+  Eigen::ArrayXf scaled_, ordered_;  // aligned: DrawRow's scratch
 #if defined(__AVX512F__)
   std::vector<__m512> sums_;
   std::vector<__mmask16> weighted_;
@@ -1872,7 +1877,7 @@ class DrawOp : public OpKernel {
 #endif
       return;
     }
-    std::vector<float> scaled(vocab), ordered(RoundUp(vocab, 16));
+    Eigen::ArrayXf scaled(vocab), ordered(RoundUp(vocab, 16));  // aligned: DrawRow's scratch
     for (int64_t r = 0; r < rows; ++r) {
       ids[r] = DrawRow(in + r * vocab, vocab, options, u[r], scaled.data(), ordered.data());
     }
