@@ -260,6 +260,24 @@ def test_a_runs_dir_that_is_a_file_fails_before_training(tiny_corpus, tmp_path, 
     assert not_a_dir.read_text().startswith("a file")
 
 
+def test_a_directory_of_other_files_is_refused_as_a_new_run(tiny_corpus, tmp_path, capsys):
+    """`--run ~/notes` must not put checkpoints among the user's own files; an empty directory
+    is a new run's."""
+    notes, empty = tmp_path / "notes", tmp_path / "empty"
+    notes.mkdir()
+    empty.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    (notes / "draft.txt").write_text("mine too")
+    flags = ["--corpus", str(tiny_corpus), "--max-steps", "2", "--batch-size", "4",
+             "--seq-length", "8", "--hidden-size", "8", "--kernel", "keras"]
+    assert run_cli(train_main, ["--run", str(notes), *flags]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{notes} is not a run directory (it holds draft.txt and 1 more)" in line, line
+    assert sorted(path.name for path in notes.iterdir()) == ["draft.txt", "todo.txt"]
+    assert run_cli(train_main, ["--run", str(empty), *flags]) == 0
+    assert Run(empty).newest_checkpoint().step == 2
+
+
 @pytest.fixture
 def unwritable_run(tmp_path):
     """(runs_dir, run name) of an existing run directory no file can be created in."""
@@ -269,13 +287,22 @@ def unwritable_run(tmp_path):
         yield tmp_path / "runs", "ro"
         (tmp_path / "runs" / "ro").chmod(0o755)
         return
-    # root writes through permission bits: use a directory of a read-only file system.
-    try:
-        (Path("/sys/kernel") / ".probe").write_text("x")
-    except OSError:
-        yield Path("/sys"), "kernel"
-        return
-    pytest.skip("no unwritable directory to try (root, and /sys/kernel is writable)")
+    # root writes through permission bits: use an empty directory of sysfs, where no file can
+    # be created (an empty one: a directory holding other files is refused before any write).
+    sysfs = Path("/sys/kernel")
+    for directory in sorted(sysfs.iterdir()) if sysfs.is_dir() else ():
+        try:
+            if not directory.is_dir() or any(directory.iterdir()):
+                continue
+        except OSError:  # unreadable: not what this test is about
+            continue
+        try:
+            (directory / ".probe").write_text("x")
+            (directory / ".probe").unlink()
+        except OSError:
+            yield sysfs, directory.name
+            return
+    pytest.skip("no unwritable directory to try (root, and no empty read-only one in sysfs)")
 
 
 def test_an_unwritable_run_directory_fails_before_training(tiny_corpus, unwritable_run, capsys):
@@ -355,7 +382,7 @@ def test_a_save_that_fails_mid_run_stops_cleanly_keeping_the_previous_checkpoint
     assert run_cli(train_main, argv) == 1
     line = one_line(capsys.readouterr().err)
     assert "could not write checkpoint" in line and "ckpt-8" in line
-    assert "No space left on device" in line and "previous checkpoints are kept" in line
+    assert "No space left on device" in line and "checkpoints written before it are kept" in line
     monkeypatch.undo()
     run = Run(tmp_path / "runs" / "d")
     assert [info.step for info in run.checkpoints.complete()] == [4]

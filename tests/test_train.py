@@ -462,7 +462,7 @@ def test_a_file_where_the_checkpoints_go_is_one_error(tiny_corpus, tmp_path):
     (tmp_path / "runs" / "blocked" / "checkpoints").write_text("in the way")
     config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 2))
     with pytest.raises(CharRNNError, match=r"could not write checkpoint .*ckpt-2 .*File exists.*"
-                                           r"the previous checkpoints are kept"):
+                                           r"checkpoints written before it are kept"):
         train(config, run_name="blocked", log=lambda *args: None)
 
 

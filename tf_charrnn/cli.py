@@ -141,7 +141,7 @@ def run_cli(main, argv=None):
         disk_full = _DISK_FULL.search(str(error))  # TensorFlow's file writes report ENOSPC so
         if disk_full:
             return _report(f"a write failed: {disk_full.group(0)}; free disk space, then resume "
-                           f"the run (its checkpoints are kept)", 1)
+                           f"the run (checkpoints already written are kept)", 1)
         found = re.search(r"OOM when allocating tensor with shape\[[\d,]*\]", str(error))
         detail = found.group(0) if found else (str(error).strip().splitlines() or ["?"])[0]
         return _report(f"out of memory ({detail[:160]}): {_MEMORY_HINT}", 1)

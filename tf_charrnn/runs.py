@@ -24,9 +24,12 @@ from pathlib import Path
 
 from tf_charrnn.config import Config, config_from_dict, config_to_dict, save_config
 from tf_charrnn.data import Vocab
-from tf_charrnn.errors import CharRNNError
+from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.files import sha256_file, write_atomic
 
+# What a run directory holds (the module docstring), its temporary files included.
+_OWN_NAMES = {"config.yaml", "vocab.json", "checkpoints", "best"}
+_OWN_PREFIXES = (".lock", "events.out.tfevents.", ".config.yaml.", ".vocab.json.")
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.manifest\.json$")
 
 
@@ -79,8 +82,8 @@ class CheckpointStore:
         except Exception as error:
             with contextlib.suppress(OSError):  # e.g. a file where the directory should be
                 self.delete(prefix)
-            raise CharRNNError(f"could not write checkpoint {prefix} ({error}); the previous "
-                               f"checkpoints are kept: free disk space (or move what is in the "
+            raise CharRNNError(f"could not write checkpoint {prefix} ({error}); checkpoints "
+                               f"written before it are kept: free disk space (or move what is in the "
                                f"way) and resume") from None
         return CheckpointInfo(prefix, int(step), metrics or {}, fingerprint)
 
@@ -205,6 +208,19 @@ class Run:
 
     def exists(self):
         return self.config_path.is_file() and self.vocab_path.is_file()
+
+    def check_not_foreign(self):
+        """Before a new run writes into an existing directory: refuse one that holds files no run
+        writes (`--run ~/notes` would have put checkpoints among the user's files)."""
+        if self.exists() or not self.path.is_dir():
+            return
+        foreign = sorted(entry.name for entry in self.path.iterdir()
+                         if entry.name not in _OWN_NAMES
+                         and not entry.name.startswith(_OWN_PREFIXES))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise UsageError(f"{self.path} is not a run directory (it holds {foreign[0]}{more}): "
+                             f"give --run a new or empty directory, or an existing run")
 
     def has_checkpoint(self):
         return bool(self.checkpoints.complete() or self.best.complete())

@@ -473,6 +473,8 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
     else:
         run_path = Path(train_config.runs_dir) / (run_name or default_run_name(data.corpus))
     run = Run(run_path)
+    if chief:
+        run.check_not_foreign()
     created = chief and not run_path.exists()
     try:
         if chief:  # other workers only read the run (a shared runs_dir), never write it
