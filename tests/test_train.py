@@ -104,6 +104,18 @@ def test_steps_per_call_does_not_change_what_is_trained(tiny_corpus, tmp_path):
         np.testing.assert_array_equal(b, a)
 
 
+def test_a_run_without_validation_says_so_once(tiny_corpus, tmp_path):
+    lines = []
+    config = tiny_config(tiny_corpus, tmp_path, ("data", "val_fraction", 0.0),
+                         ("train", "max_steps", 4), ("train", "eval_every", 2))
+    result = train(config, run_name="nv", log=lambda *args, **kwargs: lines.append(str(args[0])),
+                   show_progress=False)
+    said = [line for line in lines if "no validation split" in line]
+    assert said == ["no validation split (data.val_fraction 0): no validation loss and no best/ "
+                    "checkpoint"], lines
+    assert result.step == 4 and not Run(result.run_path).best.complete()
+
+
 def test_state_is_carried_within_an_epoch_and_reset_at_each_epoch(tiny_corpus, tmp_path):
     config = tiny_config(tiny_corpus, tmp_path / "runs", ("train", "max_steps", 3))
     result = train(config, run_name="s")

@@ -534,6 +534,9 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
         say(f"corpus: {input_path} ({len(loader.ids):,} chars, vocab {len(vocab)}, "
             f"{steps_per_epoch} batches/epoch of {data.batch_size}x{data.seq_length}); "
             f"run: {run_path}")
+        if loader.val is None:
+            say("no validation split (data.val_fraction 0): no validation loss and no best/ "
+                "checkpoint")
         loop = _Loop(config, run, loader, model, optimizer, progress, checkpoint, strategy,
                      worker_gather, chief, total_steps, say, stop, show_progress)
         if worker_gather is None:
