@@ -331,8 +331,10 @@ def compare_final(reference_path, killed_path, step):
 
 def draw_kinds(rng, kills):
     """The kinds of `kills` kills in random order, in _KIND_WEIGHTS's proportions (rounded down,
-    the rest drawn), so that twenty kills always include start-up ones."""
-    counts = [int(kills * weight) for weight in _KIND_WEIGHTS]
+    at least one of each from three kills on, the rest drawn), so that start-up kills are never
+    left out by chance."""
+    least = 1 if kills >= len(KILL_KINDS) else 0
+    counts = [max(least, int(kills * weight)) for weight in _KIND_WEIGHTS]
     kinds = [kind for kind, count in zip(KILL_KINDS, counts) for _ in range(count)]
     kinds += rng.choices(KILL_KINDS, _KIND_WEIGHTS, k=kills - len(kinds))
     rng.shuffle(kinds)

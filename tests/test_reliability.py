@@ -260,22 +260,54 @@ def test_a_runs_dir_that_is_a_file_fails_before_training(tiny_corpus, tmp_path, 
     assert not_a_dir.read_text().startswith("a file")
 
 
-def test_a_directory_of_other_files_is_refused_as_a_new_run(tiny_corpus, tmp_path, capsys):
-    """`--run ~/notes` must not put checkpoints among the user's own files; an empty directory
-    is a new run's."""
-    notes, empty = tmp_path / "notes", tmp_path / "empty"
-    notes.mkdir()
-    empty.mkdir()
-    (notes / "todo.txt").write_text("mine")
-    (notes / "draft.txt").write_text("mine too")
-    flags = ["--corpus", str(tiny_corpus), "--max-steps", "2", "--batch-size", "4",
-             "--seq-length", "8", "--hidden-size", "8", "--kernel", "keras"]
-    assert run_cli(train_main, ["--run", str(notes), *flags]) == 2
+_TRAIN_FLAGS = ["--max-steps", "2", "--batch-size", "4", "--seq-length", "8", "--hidden-size",
+                "8", "--kernel", "keras"]
+
+
+@pytest.mark.parametrize("files, refused", [
+    ({"todo.txt": "mine", "draft.txt": "mine too"}, "draft.txt and 1 more"),
+    ({"config.yaml": "server:\n  port: 8080\n"}, "config.yaml"),  # not a run's: kept
+    ({"best/photo.jpg": "jpeg", "checkpoints/thesis.tex": "tex"}, "best/photo.jpg and 1 more"),
+    ({"vocab.json": "{}"}, "vocab.json"),
+    ({".lockfile": "x"}, ".lockfile"),
+])
+def test_a_directory_of_other_files_is_refused_as_a_new_run(tiny_corpus, tmp_path, capsys,
+                                                            files, refused):
+    """`--run ~/notes` must not put checkpoints among the user's own files, nor replace their
+    config.yaml."""
+    notes = tmp_path / "notes"
+    for name, text in files.items():
+        (notes / name).parent.mkdir(parents=True, exist_ok=True)
+        (notes / name).write_text(text)
+    before = {path: path.read_bytes() for path in notes.rglob("*") if path.is_file()}
+    assert run_cli(train_main, ["--corpus", str(tiny_corpus), "--run", str(notes),
+                                *_TRAIN_FLAGS]) == 2
     line = one_line(capsys.readouterr().err)
-    assert f"{notes} is not a run directory (it holds draft.txt and 1 more)" in line, line
-    assert sorted(path.name for path in notes.iterdir()) == ["draft.txt", "todo.txt"]
-    assert run_cli(train_main, ["--run", str(empty), *flags]) == 0
-    assert Run(empty).newest_checkpoint().step == 2
+    assert f"{notes} is not a run directory (it holds {refused})" in line, line
+    assert {path: path.read_bytes() for path in notes.rglob("*") if path.is_file()} == before
+
+
+def test_a_new_run_takes_an_empty_directory_or_what_a_kill_at_start_up_left(tiny_corpus,
+                                                                            tmp_path, capsys):
+    config = apply_overrides(Config(), [("data", "corpus", str(tiny_corpus))])
+    empty, killed = tmp_path / "empty", tmp_path / "killed"
+    empty.mkdir()
+    (killed / "checkpoints" / "ckpt-2_temp").mkdir(parents=True)  # a save cut short
+    (killed / ".lock").write_text("123")
+    (killed / ".write-probe").write_bytes(b"\0" * 4096)  # the writability probe, not removed
+    Run(killed).write_metadata(config, runs_module.Vocab("ab"), {})
+    (killed / "vocab.json").unlink()  # killed between config.yaml and vocab.json
+    for path in (empty, killed):
+        assert run_cli(train_main, ["--corpus", str(tiny_corpus), "--run", str(path),
+                                    *_TRAIN_FLAGS]) == 0
+        assert Run(path).newest_checkpoint().step == 2
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert run_cli(train_main, ["--corpus", str(tiny_corpus), "--run", str(a_file),
+                                *_TRAIN_FLAGS]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{a_file} is a file, not a run directory" in line, line
+    assert a_file.read_text() == "mine"
 
 
 @pytest.fixture

@@ -27,9 +27,11 @@ from tf_charrnn.data import Vocab
 from tf_charrnn.errors import CharRNNError, UsageError
 from tf_charrnn.files import sha256_file, write_atomic
 
-# What a run directory holds (the module docstring), its temporary files included.
-_OWN_NAMES = {"config.yaml", "vocab.json", "checkpoints", "best"}
-_OWN_PREFIXES = (".lock", "events.out.tfevents.", ".config.yaml.", ".vocab.json.")
+WRITE_PROBE = ".write-probe"  # train.check_writable's, removed at once (but for a kill)
+# What a run directory holds besides config.yaml and vocab.json (the module docstring), its
+# temporary files included.
+_OWN_NAMES = {"checkpoints", "best", ".lock", WRITE_PROBE}
+_OWN_PREFIXES = ("events.out.tfevents.", ".config.yaml.", ".vocab.json.")
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.manifest\.json$")
 
 
@@ -210,17 +212,34 @@ class Run:
         return self.config_path.is_file() and self.vocab_path.is_file()
 
     def check_not_foreign(self):
-        """Before a new run writes into an existing directory: refuse one that holds files no run
-        writes (`--run ~/notes` would have put checkpoints among the user's files)."""
-        if self.exists() or not self.path.is_dir():
+        """Before a new run writes to an existing path: refuse a file, or a directory holding
+        anything a run does not write (`--run ~/notes` would have put checkpoints among the
+        user's files, and replaced a config.yaml of theirs)."""
+        if self.exists() or not self.path.exists():
             return
-        foreign = sorted(entry.name for entry in self.path.iterdir()
-                         if entry.name not in _OWN_NAMES
-                         and not entry.name.startswith(_OWN_PREFIXES))
+        if not self.path.is_dir():
+            raise UsageError(f"{self.path} is a file, not a run directory: give --run a new or "
+                             f"empty directory, or an existing run")
+        foreign = sorted(self._foreign_entries())
         if foreign:
             more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise UsageError(f"{self.path} is not a run directory (it holds {foreign[0]}{more}): "
                              f"give --run a new or empty directory, or an existing run")
+
+    def _foreign_entries(self):
+        """Names (relative paths) in the directory that no run writes."""
+        for entry in self.path.iterdir():
+            name = entry.name
+            if name in ("checkpoints", "best") and entry.is_dir() and not entry.is_symlink():
+                yield from (f"{name}/{inner.name}" for inner in entry.iterdir()
+                            if not inner.name.startswith(("ckpt-", ".ckpt-")))
+            elif name == "config.yaml":  # a run's own, when it was killed before vocab.json
+                try:
+                    self.read_config()
+                except CharRNNError:
+                    yield name
+            elif name not in _OWN_NAMES and not name.startswith(_OWN_PREFIXES):
+                yield name
 
     def has_checkpoint(self):
         return bool(self.checkpoints.complete() or self.best.complete())

@@ -412,7 +412,9 @@ def default_run_name(corpus):
 
 def check_writable(path):
     """Fail before training when the run directory cannot be written or the disk is full."""
-    probe = Path(path) / ".write-probe"
+    from tf_charrnn.runs import WRITE_PROBE
+
+    probe = Path(path) / WRITE_PROBE
     try:
         with open(probe, "wb") as handle:
             handle.write(b"\0" * 65536)
