@@ -140,9 +140,11 @@ def main(argv=None):
                         help="override a config field, as for train")
     args = parser.parse_args(argv)
 
+    from tf_charrnn import tfenv  # first: TensorFlow's start-up noise stays off the terminal
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
+    with tfenv.stderr_silenced(tfenv.QUIET):  # CUDA probing (a failed cuInit where none is)
+        gpus = tf.config.list_physical_devices("GPU")
     if not gpus and not args.cpu:
         print("gpu_check: no GPU visible to TensorFlow; nothing to measure. The GPU path stays "
               "untested until this script has run on a machine with a GPU.")

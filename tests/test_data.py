@@ -137,7 +137,8 @@ def test_corrupt_cache_is_detected_and_rebuilt(tiny_corpus):
     raw[-10] ^= 0xFF  # flip bits inside the ids
     data_path.write_bytes(bytes(raw))
     loader = TextLoader(tiny_corpus, batch_size=2, seq_length=5, log=messages.append)
-    assert any("corrupt cache" in message for message in messages)
+    assert any(f"corrupt cache {data_path} ({data_path.name} checksum mismatch)" in message
+               for message in messages), messages
     assert loader.vocab.decode(loader.ids) == tiny_corpus.read_text(encoding="utf-8")
 
 

@@ -13,6 +13,7 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -523,11 +524,16 @@ def test_hand_edited_run_files_give_one_line_errors_on_resume_and_sampling(train
     assert one_line(capsys.readouterr().err).startswith("error: ")
 
 
-def test_swapped_characters_in_vocab_json_are_caught_when_sampling(trained):
-    _, run_path = trained
+def test_swapped_characters_in_vocab_json_are_caught_when_sampling_and_resuming(trained):
+    config, run_path = trained
     edit_vocab(run_path, lambda chars: chars[1] + chars[0] + chars[2:])
     with pytest.raises(CharRNNError, match="vocab.json does not match the vocabulary checkpoint"):
         load_run(run_path, log=lambda *a: None)
+    chars = json.loads((run_path / "vocab.json").read_text(encoding="utf-8"))["chars"]
+    with pytest.raises(CharRNNError, match=re.escape(  # it said "(N vs N characters)"
+            f"the vocabulary differs at id 0 (vocab.json has {chars[0]!r}, the corpus gives "
+            f"{chars[1]!r})")):
+        train(config, run_name="r", log=lambda *a, **k: None)
 
 
 def test_resuming_with_the_edited_config_itself_still_refuses_the_checkpoint(trained):
@@ -637,6 +643,17 @@ def test_a_new_run_that_fails_before_its_first_file_leaves_no_directory(trained,
                                 "--resume", "--run", "typo"])
     assert code == 1 and "has no checkpoint to resume from" in capsys.readouterr().err
     assert sorted(path.name for path in runs.iterdir()) == ["r"]
+
+
+def test_resuming_a_run_that_does_not_exist_says_so_before_fetching_the_corpus(tmp_path,
+                                                                             capsys):
+    code = run_cli(train_main, ["--resume", "--run", "typo", "--runs-dir", str(tmp_path / "runs"),
+                                "--corpus", "shakespeare", "--data-dir", str(tmp_path / "data"),
+                                "--url", (tmp_path / "nowhere.txt").as_uri()])
+    assert code == 1
+    line = one_line(capsys.readouterr().err)
+    assert "typo has no checkpoint to resume from" in line, line  # not a failed download
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
 def test_a_kill_while_config_yaml_is_rewritten_cannot_spoil_the_run(trained, monkeypatch):

@@ -3,6 +3,7 @@
 import os
 import random
 import re
+import tracemalloc
 
 import keras
 import numpy as np
@@ -763,6 +764,13 @@ def test_a_batch_of_samples_too_large_for_memory_is_refused_before_allocating(mo
     with pytest.raises(CharRNNError, match=expected) as caught:
         generator.generate("ab", 5, seed=1, num_samples=100_000)
     assert not allocations, "nothing is allocated before the check"
+    tracemalloc.start()  # not even generate()'s list of texts: 20M samples' lists are ~1 GB
+    try:
+        with pytest.raises(CharRNNError, match=r"^20,000,000 samples of 5 characters need"):
+            generator.generate("ab", 5, seed=1, num_samples=20_000_000)
+        assert tracemalloc.get_traced_memory()[1] < 2 ** 24
+    finally:
+        tracemalloc.stop()
     most = int(re.search(r"at most ([\d,]+) samples", str(caught.value)).group(1).replace(",", ""))
     assert 1 <= most < 100_000
     monkeypatch.undo()

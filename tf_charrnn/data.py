@@ -229,12 +229,12 @@ class CorpusIds:
                 return None  # stale: other input bytes or other options
             vocab = Vocab.from_dict(meta)
             if sha256_file(data_path) != meta.get("data_sha256"):
-                raise ValueError("data.npy checksum mismatch")
+                raise ValueError(f"{data_path.name} checksum mismatch")
             ids = np.load(data_path, mmap_mode="r", allow_pickle=False)
             if ids.ndim != 1 or ids.dtype != vocab.dtype or len(ids) != meta.get("num_chars"):
-                raise ValueError("data.npy shape or dtype mismatch")
+                raise ValueError(f"{data_path.name} shape or dtype mismatch")
             if len(ids) and int(ids.max()) >= len(vocab):  # vocab.json's chars cut short
-                raise ValueError(f"data.npy holds ids past the vocabulary's {len(vocab)}")
+                raise ValueError(f"{data_path.name} holds ids past the vocabulary's {len(vocab)}")
         except (OSError, ValueError, CharRNNError) as error:
             log(f"warning: ignoring corrupt cache {data_path} ({error}); rebuilding it")
             return None

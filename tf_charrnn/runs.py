@@ -296,7 +296,11 @@ def describe_mismatch(saved: Config, wanted: Config, saved_vocab, vocab, saved_c
                 f"sha256 {saved_corpus.get('sha256', '')[:12]}, now {corpus.get('path')} "
                 f"sha256 {corpus.get('sha256', '')[:12]})")
     if saved_vocab != vocab:
-        return f"the vocabulary differs ({len(saved_vocab)} vs {len(vocab)} characters)"
+        if len(saved_vocab) != len(vocab):
+            return f"the vocabulary differs ({len(saved_vocab)} vs {len(vocab)} characters)"
+        at = next(i for i, (a, b) in enumerate(zip(saved_vocab.chars, vocab.chars)) if a != b)
+        return (f"the vocabulary differs at id {at} (vocab.json has "
+                f"{saved_vocab.chars[at]!r}, the corpus gives {vocab.chars[at]!r})")
     model_saved, model_wanted = config_to_dict(saved)["model"], config_to_dict(wanted)["model"]
     for key in ("cell", "num_layers", "hidden_size", "one_hot", "embedding_size"):
         if model_saved[key] != model_wanted[key]:

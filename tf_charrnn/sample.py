@@ -616,9 +616,10 @@ class Generator:
         prime characters not in the vocabulary: "error" or "skip" them with a warning. For a
         jamo run, length and stop count jamo and the text is recomposed into syllables.
         """
+        rows = self._rows(prime, length, temperature, top_k, top_p, argmax, seed, num_samples,
+                          stop, unknown, keeps_text=True)  # the memory check: before any list
         pieces = [[] for _ in range(num_samples)]
-        for row_pieces in self._rows(prime, length, temperature, top_k, top_p, argmax, seed,
-                                     num_samples, stop, unknown, keeps_text=True):
+        for row_pieces in rows:
             for row, piece in zip(pieces, row_pieces):
                 row.append(piece)
         texts = ["".join(row) for row in pieces]

@@ -451,6 +451,17 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
     # Every worker calls it at the same points: the settings check, the step check, the loop.
     worker_gather = make_worker_gather(strategy) if is_multi_worker(strategy) else None
 
+    if resume and run_name is None:
+        run_path = latest_run(train_config.runs_dir)
+    else:
+        run_path = Path(train_config.runs_dir) / (run_name or default_run_name(data.corpus))
+    run = Run(run_path)
+    if resume and not (run.exists() and run.has_checkpoint()):  # before the corpus is fetched
+        raise CharRNNError(f"run {run_path} has no checkpoint to resume from: drop --resume to "
+                           f"start it")
+    if chief:
+        run.check_not_foreign()
+
     input_path = resolve_corpus(data.corpus, Path(data.data_dir), source=data.source,
                                 max_bytes=data.max_bytes, url=data.url, log=say)
     if data.corpus not in KNOWN_CORPORA:  # a path: config.yaml keeps it whole, so that the run
@@ -470,13 +481,6 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
         check_fits(training_memory_bytes(config, len(vocab)),
                    f"the model ({parameter_count(config.model, len(vocab)):,} parameters) and a "
                    f"batch", "use a smaller --hidden-size, --num-layers or --batch-size")
-    if resume and run_name is None:
-        run_path = latest_run(train_config.runs_dir)
-    else:
-        run_path = Path(train_config.runs_dir) / (run_name or default_run_name(data.corpus))
-    run = Run(run_path)
-    if chief:
-        run.check_not_foreign()
     created = chief and not run_path.exists()
     try:
         if chief:  # other workers only read the run (a shared runs_dir), never write it
@@ -490,9 +494,6 @@ def train(config: Config, run_name=None, resume=False, log=print, stop_flag=None
         if chief:
             check_writable(run_path)
         resuming = run.exists() and run.has_checkpoint()
-        if resume and not resuming:
-            raise CharRNNError(f"run {run_path} has no checkpoint to resume from: drop --resume "
-                               f"to start it")
         if resuming:
             saved_vocab, saved_corpus = run.read_vocab()
             mismatch = describe_mismatch(run.read_config(), config, saved_vocab, vocab,
