@@ -9,8 +9,8 @@ speed does not depend on training), measured in one process, one after another:
     graph N          Generator.stream on the plain tf.while_loop graph, N streams in one batch
     XLA N            the same loop compiled with XLA (the exported SavedModel's), N streams
     native N         the native loop (one C++ op; the Generator's default where it builds)
-    native bf16 N    the native loop with precision bfloat16 (products on AMX tiles), where
-                     the CPU has AMX
+    native bf16 N    the native loop with precision bfloat16 (products on AMX tiles, else
+                     AVX-512 BF16 dot products), where the CPU has AVX-512 BF16
 
 and the ratios the sampler is held to: compiled 1 stream >= 10x naive, 64 streams >= 20x the
 chars/s of 1 stream (each loop against itself, and the best 64-stream rate against the best

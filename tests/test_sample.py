@@ -397,7 +397,7 @@ def test_native_rows_do_not_depend_on_the_batch_or_the_threads(model, vocab):
 def bfloat16_generation_or_skip():
     native_loop_or_skip()
     if not native.bfloat16_generation():
-        pytest.skip("no AMX here: bfloat16 generation does not run")
+        pytest.skip("no AVX-512 BF16 here: bfloat16 generation does not run")
 
 
 BFLOAT16_MODELS = dict(NATIVE_MODELS, **{
@@ -468,7 +468,7 @@ def test_bfloat16_generation_streams_text_with_the_float32_statistics(model, voc
     assert generator.generate("ab", 60, seed=3, num_samples=17, **options)[0] == text
 
 
-def test_bfloat16_generation_needs_the_native_loop_and_amx(model, vocab, monkeypatch):
+def test_bfloat16_generation_needs_the_native_loop_and_avx512_bf16(model, vocab, monkeypatch):
     with pytest.raises(UsageError, match="runs in the native loop only, not xla: use --loops"):
         Generator(model, vocab, loops="xla", precision="bfloat16")
     with pytest.raises(UsageError, match="precision must be one of float32, bfloat16"):
@@ -476,8 +476,8 @@ def test_bfloat16_generation_needs_the_native_loop_and_amx(model, vocab, monkeyp
     native_loop_or_skip()
     with monkeypatch.context() as patch:
         patch.setattr(native, "bfloat16_generation", lambda: False)
-        with pytest.raises(UsageError, match="not available here: it needs a CPU with AMX .*, "
-                                             "Linux 5.16 .*: use --precision float32"):
+        with pytest.raises(UsageError, match="not available here: it needs a CPU with AVX-512 "
+                                             "BF16 .*: use --precision float32"):
             Generator(model, vocab, loops="auto", precision="bfloat16")
     monkeypatch.setattr(native, "library", lambda: None)  # auto then falls back to xla
     with pytest.raises(UsageError, match="needs the native loop, which is not available here"):

@@ -7,8 +7,8 @@ rows split between the cores (rows never interact, so each core runs the whole t
 its own rows; wide layers split their units instead), runs at about twice that or more.
 native_loops.cc holds the loops of kernels.py's _forward_loop and _backward_loop for LSTM, GRU
 and SimpleRNN as TensorFlow ops, with the same inputs, outputs and arithmetic, and the sampler's
-generation loop (sample.py) as one op, whose products also run in bfloat16 on AMX tiles where
-the CPU has them (bfloat16_generation()).
+generation loop (sample.py) as one op, whose products also run in bfloat16 where the CPU has
+AVX-512 BF16: on AMX tiles, else with its dot-product instructions (bfloat16_generation()).
 
 The library is compiled with the system's C++ compiler (`$CXX`, else c++/g++/clang++) against
 the installed TensorFlow's headers, once per source, TensorFlow version, compiler and CPU, into
@@ -159,7 +159,8 @@ def library():
 
 @functools.lru_cache(maxsize=None)
 def bfloat16_generation():
-    """Whether the generation op runs with precision "bfloat16" here: the library loads, was
-    built with AMX (this CPU has AMX-BF16) and the kernel lets the process use the tiles."""
+    """Whether the generation op runs with precision "bfloat16" here: the library loads and was
+    built with AVX-512 BF16 (this CPU has it); the op uses AMX tiles where the CPU has them and
+    Linux lets the process use them, else AVX-512 BF16 dot products."""
     lib = library()
     return lib is not None and bool(lib.tf_charrnn_bfloat16_generation())

@@ -40,10 +40,14 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-// The bfloat16 generation path needs AMX tiles and AVX-512 BF16 conversions (the compiler sets
-// these under -march=native on a CPU that has them) and Linux's permission for the tile state.
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
-    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__)
+// The bfloat16 generation path needs AVX-512 BF16 (conversions, and dot products where there are
+// no tiles; the compiler sets these under -march=native on a CPU that has them); on AMX tiles it
+// also needs Linux's permission for the tile state.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TF_CHARRNN_BF16 1
+#endif
+#if defined(TF_CHARRNN_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && \
+    defined(__linux__)
 #define TF_CHARRNN_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -1263,13 +1267,15 @@ void DrawLaneGroups(const float* logits, int64_t stride, int64_t rows, int64_t v
 #endif  // __AVX512F__
 
 // ---------------------------------------------------------------------------------------------
-// bfloat16 products on AMX for the generation loop (precision "bfloat16"). A tile multiply takes
-// [16, 32] x [32, 16] bfloat16 and adds the float32 products into a [16, 16] float32 tile: up to
-// 16 times the float32 FMA rate per core, which pays most where the rows are many (at lecture
-// size 64 streams run the step's products at about 450 flop a cycle against float32's 60; one
-// stream gains less, from reading half the bytes of weights). The weights are rounded to
-// bfloat16 (to nearest even) once per call and laid out as the tiles read them; each layer's
-// new h is rounded once per step; sums, cell math and draw are float32.
+// bfloat16 products for the generation loop (precision "bfloat16"), on AMX tiles where the CPU
+// has them, else with AVX-512 BF16 dot products (DotProduct). A tile multiply takes [16, 32] x
+// [32, 16] bfloat16 and adds the float32 products into a [16, 16] float32 tile: up to 16 times
+// the float32 FMA rate per core, which pays most where the rows are many (at lecture size 64
+// streams run the step's products at about 450 flop a cycle against float32's 60; one stream
+// gains less, from reading half the bytes of weights). vdpbf16ps, without tiles, runs twice the
+// float32 FMA rate. The weights are rounded to bfloat16 (to nearest even) once per call and laid
+// out as the tiles read them (the dot products read the same layout); each layer's new h is
+// rounded once per step; sums, cell math and draw are float32.
 
 // Whether this library was built with the AMX path and Linux lets this process use the tiles
 // (asked once; the permission is the whole process's).
@@ -1281,6 +1287,15 @@ bool AmxReady() {
     return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
   }();
   return ready;
+#else
+  return false;
+#endif
+}
+
+// Whether precision bfloat16 runs here: on AMX tiles, else with AVX-512 BF16 dot products.
+bool Bfloat16Ready() {
+#ifdef TF_CHARRNN_BF16
+  return true;
 #else
   return false;
 #endif
@@ -1443,7 +1458,9 @@ void TileProduct(const uint16_t* a, int64_t lda, int64_t rows, const PackedWeigh
     }
   }
 }
+#endif  // TF_CHARRNN_AMX
 
+#ifdef TF_CHARRNN_BF16
 // n floats -> bfloat16, to nearest even; out past n is left as it is.
 inline void ToBfloat16(const float* in, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; i += 16) {
@@ -1452,7 +1469,77 @@ inline void ToBfloat16(const float* in, int64_t n, uint16_t* out) {
     _mm256_mask_storeu_epi16(out + i, lanes, reinterpret_cast<const __m256i&>(packed));
   }
 }
-#endif  // TF_CHARRNN_AMX
+
+// The same products without tiles, for CPUs with AVX-512 BF16 but no AMX: vdpbf16ps adds, in
+// each float32 lane, the products of one pair of k. A B tile's row r holds that pair (k = 2r,
+// 2r + 1) for its 16 columns, which is one register's operand here, and the A side is the
+// row's pair broadcast to every lane. One register block: kRows rows x kColumns column blocks
+// of 16, the accumulators in registers through all of k; c = a b (+ bias).
+template <int kRows, int kColumns>
+inline void DotBlock(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t depth_blocks,
+                     const float* bias, float* c, int64_t ldc) {
+  __m512 sums[kRows][kColumns];
+  for (int j = 0; j < kColumns; ++j) {
+    const __m512 start = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + 16 * j);
+    for (int i = 0; i < kRows; ++i) sums[i][j] = start;
+  }
+  const int64_t column_stride = depth_blocks * kTileElements;  // between column blocks' tiles
+  for (int64_t kb = 0; kb < depth_blocks; ++kb) {
+    const uint16_t* tile = b + kb * kTileElements;
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      __m512bh w[kColumns];
+      for (int j = 0; j < kColumns; ++j) {
+        const __m512i bits = _mm512_load_si512(tile + j * column_stride + r * 2 * kTileColumns);
+        w[j] = reinterpret_cast<const __m512bh&>(bits);
+      }
+      const int64_t k = kb * kTileDepth + 2 * r;
+      for (int i = 0; i < kRows; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, a + i * lda + k, sizeof pair);
+        const __m512i broadcast = _mm512_set1_epi32(pair);
+        const __m512bh x = reinterpret_cast<const __m512bh&>(broadcast);
+        for (int j = 0; j < kColumns; ++j) sums[i][j] = _mm512_dpbf16_ps(sums[i][j], x, w[j]);
+      }
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    for (int j = 0; j < kColumns; ++j) _mm512_storeu_ps(c + i * ldc + 16 * j, sums[i][j]);
+  }
+}
+
+template <int kRows>
+inline void DotRows(const uint16_t* a, int64_t lda, const PackedWeights& b, int64_t nb,
+                    const float* bias, float* c, int64_t ldc) {
+  const uint16_t* tiles = b.tiles.data() + nb * b.depth_blocks * kTileElements;
+  const float* bias_block = bias == nullptr ? nullptr : bias + nb * kTileColumns;
+  float* c_block = c + nb * kTileColumns;
+  switch (std::min<int64_t>(4, b.column_blocks - nb)) {
+    case 4: DotBlock<kRows, 4>(a, lda, tiles, b.depth_blocks, bias_block, c_block, ldc); break;
+    case 3: DotBlock<kRows, 3>(a, lda, tiles, b.depth_blocks, bias_block, c_block, ldc); break;
+    case 2: DotBlock<kRows, 2>(a, lda, tiles, b.depth_blocks, bias_block, c_block, ldc); break;
+    default: DotBlock<kRows, 1>(a, lda, tiles, b.depth_blocks, bias_block, c_block, ldc); break;
+  }
+}
+
+// c [rows, 16 column_blocks] = a [rows, 32 depth_blocks] b (+ bias), TileProduct's contract
+// (any number of rows). Four column blocks at a time, outermost: their weights (16 KB at depth
+// 128) stay in L1 while every row block passes.
+void DotProduct(const uint16_t* a, int64_t lda, int64_t rows, const PackedWeights& b,
+                const float* bias, float* c, int64_t ldc) {
+  for (int64_t nb = 0; nb < b.column_blocks; nb += 4) {
+    for (int64_t row = 0; row < rows; row += 4) {
+      const uint16_t* a_rows = a + row * lda;
+      float* c_rows = c + row * ldc;
+      switch (std::min<int64_t>(4, rows - row)) {
+        case 4: DotRows<4>(a_rows, lda, b, nb, bias, c_rows, ldc); break;
+        case 3: DotRows<3>(a_rows, lda, b, nb, bias, c_rows, ldc); break;
+        case 2: DotRows<2>(a_rows, lda, b, nb, bias, c_rows, ldc); break;
+        default: DotRows<1>(a_rows, lda, b, nb, bias, c_rows, ldc); break;
+      }
+    }
+  }
+}
+#endif  // TF_CHARRNN_BF16
 
 // What one call of the generation op works on; the states are the outputs, holding the initial
 // states at the start and updated in place.
@@ -1471,7 +1558,8 @@ struct Generation {
   int32_t* drawn;                      // [B, steps]
   int64_t seed, position;
   DrawOptions options;
-  bool bfloat16 = false;               // the products on AMX tiles (the packed weights below)
+  bool bfloat16 = false;  // the products in bfloat16 (the packed weights below)
+  bool tiles = false;     // on AMX tiles, else AVX-512 BF16 dot products
   std::vector<PackedWeights> packed_kernels, packed_recurrent;  // layer 0's kernel: empty
   PackedWeights packed_head;
 };
@@ -1549,31 +1637,39 @@ class FloatProducts {
   Matrix z_, xw_, logits_;
 };
 
-#ifdef TF_CHARRNN_AMX
-// The same products on AMX tiles: the block's rows padded to 16s (zero rows), each layer's h kept
-// as bfloat16 rows of depth padded to 32s, rounded once when it changes.
-class TileProducts {
+#ifdef TF_CHARRNN_BF16
+// The same products in bfloat16, on AMX tiles (kTiles) or with AVX-512 BF16 dot products: the
+// block's rows padded to 16s (zero rows, for the tiles), each layer's h kept as bfloat16 rows of
+// depth padded to 32s, rounded once when it changes.
+template <bool kTiles>
+class Bfloat16Products {
  public:
-  TileProducts(const Generation& g, int64_t rows)
+  Bfloat16Products(const Generation& g, int64_t rows)
       : g_(g), rows_(rows), padded_rows_(RoundUp(rows, kTileRows)),
-        depth_(RoundUp(g.units, kTileDepth)), stride_(RoundUp(g.gates, kTileColumns)),
+        product_rows_(kTiles ? padded_rows_ : rows_), depth_(RoundUp(g.units, kTileDepth)), stride_(RoundUp(g.gates, kTileColumns)),
         logits_stride_(g.head.cols()),
         h_(g.layers, TileVector<uint16_t>(padded_rows_ * depth_, 0)),
         z_(padded_rows_ * stride_), xw_(padded_rows_ * stride_),
         logits_(padded_rows_ * logits_stride_) {
-    _tile_loadconfig(&kTileConfig);
+#ifdef TF_CHARRNN_AMX
+    if constexpr (kTiles) _tile_loadconfig(&kTileConfig);
+#endif
   }
-  ~TileProducts() { _tile_release(); }
-  TileProducts(const TileProducts&) = delete;
-  TileProducts& operator=(const TileProducts&) = delete;
+  ~Bfloat16Products() {
+#ifdef TF_CHARRNN_AMX
+    if constexpr (kTiles) _tile_release();
+#endif
+  }
+  Bfloat16Products(const Bfloat16Products&) = delete;
+  Bfloat16Products& operator=(const Bfloat16Products&) = delete;
 
   void Layer(int64_t l, float*, float*) {
     if (l > 0) {
-      TileProduct(h_[l - 1].data(), depth_, padded_rows_, g_.packed_kernels[l],
-                  g_.biases[l].data(), xw_.data(), stride_);
+      Multiply(h_[l - 1].data(), depth_, product_rows_, g_.packed_kernels[l],
+               g_.biases[l].data(), xw_.data(), stride_);
     }
-    TileProduct(h_[l].data(), depth_, padded_rows_, g_.packed_recurrent[l], nullptr, z_.data(),
-                stride_);
+    Multiply(h_[l].data(), depth_, product_rows_, g_.packed_recurrent[l], nullptr, z_.data(),
+             stride_);
   }
   void Updated(int64_t l, const float* h) {  // the rows' padding columns stay 0
     for (int64_t r = 0; r < rows_; ++r) {
@@ -1581,8 +1677,8 @@ class TileProducts {
     }
   }
   void Head(float*) {
-    TileProduct(h_[g_.layers - 1].data(), depth_, padded_rows_, g_.packed_head,
-                g_.head_bias.data(), logits_.data(), logits_stride_);
+    Multiply(h_[g_.layers - 1].data(), depth_, product_rows_, g_.packed_head,
+             g_.head_bias.data(), logits_.data(), logits_stride_);
   }
   const float* Z() const { return z_.data(); }
   const float* XW() const { return xw_.data(); }
@@ -1591,12 +1687,23 @@ class TileProducts {
   int64_t LogitsStride() const { return logits_stride_; }
 
  private:
+  // c [rows, *] = a b (+ bias): the product of TileProduct's contract, by this class's means.
+  void Multiply(const uint16_t* a, int64_t lda, int64_t rows, const PackedWeights& b,
+                const float* bias, float* c, int64_t ldc) const {
+#ifdef TF_CHARRNN_AMX
+    if constexpr (kTiles) return TileProduct(a, lda, rows, b, bias, c, ldc);
+#endif
+    DotProduct(a, lda, rows, b, bias, c, ldc);
+  }
+
   const Generation& g_;
-  int64_t rows_, padded_rows_, depth_, stride_, logits_stride_;
+  // The tiles multiply 16 rows at a time (the padding rows are zeros); the dot products take
+  // the block's own.
+  int64_t rows_, padded_rows_, product_rows_, depth_, stride_, logits_stride_;
   std::vector<TileVector<uint16_t>> h_;  // per layer: [padded rows, depth] bfloat16
   TileVector<float> z_, xw_, logits_;
 };
-#endif  // TF_CHARRNN_AMX
+#endif  // TF_CHARRNN_BF16
 
 template <typename Products>
 void GenerateBlockWith(const Generation& g, const Block& block) {
@@ -1648,8 +1755,9 @@ void GenerateBlockWith(const Generation& g, const Block& block) {
 }
 
 void GenerateBlock(const Generation& g, const Block& block) {
-#ifdef TF_CHARRNN_AMX
-  if (g.bfloat16) return GenerateBlockWith<TileProducts>(g, block);
+#ifdef TF_CHARRNN_BF16
+  if (g.bfloat16 && g.tiles) return GenerateBlockWith<Bfloat16Products<true>>(g, block);
+  if (g.bfloat16) return GenerateBlockWith<Bfloat16Products<false>>(g, block);
 #endif
   GenerateBlockWith<FloatProducts>(g, block);
 }
@@ -1700,10 +1808,10 @@ class GenerateOp : public OpKernel {
     std::string precision;
     OP_REQUIRES_OK(context, context->GetAttr("precision", &precision));
     bfloat16_ = precision == "bfloat16";
-    OP_REQUIRES(context, !bfloat16_ || AmxReady(),
+    OP_REQUIRES(context, !bfloat16_ || Bfloat16Ready(),
                 tensorflow::errors::FailedPrecondition(
-                    "bfloat16 generation needs AMX (a CPU with AMX-BF16 and Linux 5.16 or "
-                    "later): use precision float32"));
+                    "bfloat16 generation needs AVX-512 BF16 (or AMX tiles): use precision "
+                    "float32"));
     OP_REQUIRES(context, num_states_ == layers_ * kind_->states,
                 tensorflow::errors::InvalidArgument("num_states must be layers x the kind's "
                                                     "states per layer"));
@@ -1769,6 +1877,7 @@ class GenerateOp : public OpKernel {
                                                               vocab);
     if (bfloat16_) {
       g.bfloat16 = true;
+      g.tiles = AmxReady();
       for (int l = 0; l < layers; ++l) {
         g.packed_recurrent.push_back(PackWeights(g.recurrent[l].data(), units, gates));
         g.packed_kernels.push_back(l == 0 ? PackedWeights()
@@ -1805,7 +1914,7 @@ class GenerateOp : public OpKernel {
     if (!context->status().ok()) return;
     g.drawn = drawn->flat<int32_t>().data();
     Plan plan = MakePlan(context, g.steps, g.batch, units, Split::kRows);
-    if (g.bfloat16) {  // a tile multiplies 16 rows: no block of fewer where the batch has more
+    if (g.tiles) {  // a tile multiplies 16 rows: no block of fewer where the batch has more
       plan.blocks = static_cast<int>(std::min<int64_t>(plan.blocks,
                                                        std::max<int64_t>(1, g.batch / 16)));
       plan.rows_by_16 = true;
@@ -1889,7 +1998,7 @@ class DrawOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("TfCharrnnDraw").Device(DEVICE_CPU), DrawOp);
 
-// () -> whether TfCharrnnGenerate runs with precision bfloat16 here (see AmxReady).
+// () -> whether TfCharrnnGenerate runs with precision bfloat16 here (see Bfloat16Ready).
 REGISTER_OP("TfCharrnnBfloat16Generation")
     .Output("ready: bool")
     .SetShapeFn([](InferenceContext* c) {
@@ -1902,7 +2011,7 @@ class Bfloat16GenerationOp : public OpKernel {
   using OpKernel::OpKernel;
   void Compute(OpKernelContext* context) override {
     Tensor* ready = Output(context, 0, TensorShape({}));
-    if (ready != nullptr) ready->scalar<bool>()() = AmxReady();
+    if (ready != nullptr) ready->scalar<bool>()() = Bfloat16Ready();
   }
 };
 

@@ -17,9 +17,10 @@ The Generator owns the path from a prime to text:
           threads; uniform numbers from a hash of (seed, position, row). K = 2048: each call
           also prepares the weights and crosses into TensorFlow, about 1 ms. Lecture model, two
           CPU cores: one stream ~140k characters/s, 64 streams ~600k. precision="bfloat16"
-          (where AMX runs) does the products on AMX tiles, weights and each new h rounded to
-          bfloat16: one stream ~160k, 64 streams ~2.6M (4x float32 for one stream of
-          2x256 units, whose bfloat16 weights fit the core's L2 cache).
+          (with AVX-512 BF16) does the products in bfloat16, weights and each new h rounded to
+          bfloat16: on AMX tiles one stream ~160k, 64 streams ~2.6M (4x float32 for one stream
+          of 2x256 units, whose bfloat16 weights fit the core's L2 cache); without AMX, with
+          AVX-512 BF16 dot products (an AMD EPYC): one stream ~185k, 64 streams ~810k.
   xla     a `tf.function` holding a `tf.while_loop`, compiled with XLA: the loop the exported
           SavedModel (tf_charrnn.export) runs and the fallback without the native library; one
           stream ~60k, 64 streams ~210k, about 1.5 s of compilation per number of rows. Its
@@ -235,8 +236,9 @@ def _generate_chunk_natively(model, num_steps, ids, states, seed, position, temp
                              top_p, argmax, precision="float32"):
     """generate_ids as one native op (native_loops.cc's TfCharrnnGenerate): the same weights,
     cell math and draw rules; its own uniform numbers (a hash of seed, position and row).
-    precision "bfloat16" runs the products on AMX tiles with the weights and each new h rounded
-    to bfloat16 (float32 sums, cell math and draw)."""
+    precision "bfloat16" runs the products in bfloat16 (AMX tiles, else AVX-512 BF16 dot
+    products) with the weights and each new h rounded to bfloat16 (float32 sums, cell math and
+    draw)."""
     from tf_charrnn import native
 
     _, layers = prepare_step(model)
@@ -290,8 +292,8 @@ def resolve_loops(loops="auto"):
 
 
 def resolve_precision(precision, loops, requested=None):
-    """Check the generation loop's precision: "bfloat16" needs the native loop where AMX runs
-    (see native.bfloat16_generation); a UsageError otherwise. loops: the loop that will run;
+    """Check the generation loop's precision: "bfloat16" needs the native loop built with
+    AVX-512 BF16 (see native.bfloat16_generation); a UsageError otherwise. loops: the loop that will run;
     requested: the one asked for (default the same), to say why it is not the native one."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -306,9 +308,9 @@ def resolve_precision(precision, loops, requested=None):
                              "here (no C++ compiler, a failed build, or TF_CHARRNN_NATIVE=0): "
                              "use --precision float32")
         if not native.bfloat16_generation():
-            raise UsageError("bfloat16 sampling is not available here: it needs a CPU with AMX "
-                             "(Intel Xeon of the 4th generation or later), Linux 5.16 or later "
-                             "and a compiler that builds AMX code: use --precision float32")
+            raise UsageError("bfloat16 sampling is not available here: it needs a CPU with "
+                             "AVX-512 BF16 (AMD Zen 4, Intel Xeon of the 3rd generation or "
+                             "later) and a compiler that builds it: use --precision float32")
     return precision
 
 
@@ -720,9 +722,10 @@ def build_parser():
                              "text depends on the loop; xla gives the exported SavedModel's")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="of the native loop's products: float32 (the default) or bfloat16 "
-                             "(AMX tiles, on Intel Xeons of the 4th generation on: 2.2x-6.7x "
-                             "float32's characters/s for 64 streams, 1.1x-4.0x for one; cell "
-                             "math and draw stay float32)")
+                             "(CPUs with AVX-512 BF16; on AMX tiles, Intel Xeons of the 4th "
+                             "generation on, 2.2x-6.7x float32's characters/s for 64 streams, "
+                             "1.1x-4.0x for one; with AVX-512 BF16 dot products, AMD Zen 4, "
+                             "1.5x-2.8x and 1.4x-4.9x; cell math and draw stay float32)")
     parser.add_argument("--unknown", choices=UNKNOWN_CHOICES, default="error",
                         help="prime characters not in the vocabulary: fail listing them "
                              "(error, the default) or drop them with a warning (skip)")
