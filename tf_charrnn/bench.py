@@ -12,7 +12,8 @@ For each recipe (lecture, medium, large, gru, min_char_rnn) it measures, in one 
   own matrix products need;
 - sample_chars_per_sec_1 / _64: the compiled generation loop, one stream and 64 streams;
   sample_chars_per_sec_1_bfloat16 / _64_bfloat16 the same with `--precision bfloat16` (where
-  the CPU has AVX-512 BF16); sample_64_over_1: the best 64-stream rate over the best one-stream rate;
+  the CPU has AVX-512 BF16); sample_64_over_1: the best 64-stream rate over the best one-stream
+  rate;
   naive_sample_chars_per_sec: one model(...) call per character from a Python loop;
 - preprocess_mb_per_sec and preprocess_peak_rss_mb: building the id cache of a generated corpus,
   in a child process so its peak memory is its own;

@@ -85,8 +85,8 @@ class CheckpointStore:
             with contextlib.suppress(OSError):  # e.g. a file where the directory should be
                 self.delete(prefix)
             raise CharRNNError(f"could not write checkpoint {prefix} ({error}); checkpoints "
-                               f"written before it are kept: free disk space (or move what is in the "
-                               f"way) and resume") from None
+                               f"written before it are kept: free disk space (or move what is in "
+                               f"the way) and resume") from None
         return CheckpointInfo(prefix, int(step), metrics or {}, fingerprint)
 
     def delete(self, prefix):

@@ -293,8 +293,9 @@ def resolve_loops(loops="auto"):
 
 def resolve_precision(precision, loops, requested=None):
     """Check the generation loop's precision: "bfloat16" needs the native loop built with
-    AVX-512 BF16 (see native.bfloat16_generation); a UsageError otherwise. loops: the loop that will run;
-    requested: the one asked for (default the same), to say why it is not the native one."""
+    AVX-512 BF16 (see native.bfloat16_generation); a UsageError otherwise. loops: the loop that
+    will run; requested: the one asked for (default the same), to say why it is not the native
+    one."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bfloat16":
@@ -309,8 +310,9 @@ def resolve_precision(precision, loops, requested=None):
                              "use --precision float32")
         if not native.bfloat16_generation():
             raise UsageError("bfloat16 sampling is not available here: it needs a CPU with "
-                             "AVX-512 BF16 (AMD Zen 4, Intel Xeon of the 3rd generation or "
-                             "later) and a compiler that builds it: use --precision float32")
+                             "AVX-512 BF16 (AMD Zen 4 or later, Intel Xeon of the 4th "
+                             "generation or later) and a compiler that builds it: use "
+                             "--precision float32")
     return precision
 
 
