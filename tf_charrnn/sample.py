@@ -727,7 +727,7 @@ def build_parser():
                              "(CPUs with AVX-512 BF16; on AMX tiles, Intel Xeons of the 4th "
                              "generation on, 2.2x-6.7x float32's characters/s for 64 streams, "
                              "1.1x-4.0x for one; with AVX-512 BF16 dot products, AMD Zen 4, "
-                             "1.5x-2.8x and 1.4x-4.9x; cell math and draw stay float32)")
+                             "1.48x-2.8x and 1.35x-4.9x; cell math and draw stay float32)")
     parser.add_argument("--unknown", choices=UNKNOWN_CHOICES, default="error",
                         help="prime characters not in the vocabulary: fail listing them "
                              "(error, the default) or drop them with a warning (skip)")
