@@ -103,7 +103,9 @@ class Config:
 
 
 SECTIONS = {field.name: field.type for field in dataclasses.fields(Config)}
-PATH_FIELDS = {"data": ("data_dir", "source"), "train": ("runs_dir",)}  # ~ expanded
+# Fields naming a path (the corpus may be one): a leading ~ is expanded, in a recipe, a --set and
+# a flag (there even when quoted), as a shell expands it unquoted.
+PATH_FIELDS = {"data": ("corpus", "data_dir", "source"), "train": ("runs_dir",)}
 
 
 def _check_type(key, value, annotation):

@@ -2,8 +2,9 @@
 
 Shapes: K train steps per compiled call, B batch rows, T seq_length, V vocabulary, H hidden size.
 
-train(config) reads top to bottom: the strategy (cluster.py) -> corpus -> TextLoader -> a
-cluster's workers agree on their settings -> will it fit in memory -> run directory (locked) ->
+train(config) reads top to bottom: the strategy (cluster.py) -> the run directory named and
+checked (a --resume of no run, a directory of other files) -> corpus -> TextLoader -> a cluster's
+workers agree on their settings -> will it fit in memory -> run directory created and locked ->
 model and optimiser under the strategy's scope -> restore the newest good checkpoint -> loop.
 From the command line a resumed run's config.yaml is the base the flags change
 (config_from_args). The loop feeds K batches at a time to one compiled call that runs K steps; the
@@ -33,8 +34,8 @@ from tf_charrnn import cli
 from tf_charrnn.cluster import (check_workers_agree, check_workers_share_settings, is_chief,
                                 is_multi_worker, lost_workers_reported, make_strategy,
                                 make_worker_gather, shared_settings)
-from tf_charrnn.config import (CONFIGS_DIR, Config, TrainConfig, apply_overrides, load_config,
-                               parse_override, recipe_path)
+from tf_charrnn.config import (CONFIGS_DIR, PATH_FIELDS, Config, TrainConfig, apply_overrides,
+                               load_config, parse_override, recipe_path)
 from tf_charrnn.errors import CharRNNError, UsageError
 
 LN2 = math.log(2.0)
@@ -838,10 +839,6 @@ FIELD_FLAGS = {
 }
 
 
-# Flags naming a path: a leading ~ is expanded even when quoted (a shell expands it unquoted).
-PATH_FLAGS = {("data", "corpus"), ("data", "data_dir"), ("data", "source"), ("train", "runs_dir")}
-
-
 def build_parser():
     import typing
 
@@ -868,7 +865,7 @@ def build_parser():
             kind = hints[name]
             inner = [a for a in typing.get_args(kind) if a is not type(None)]
             kind = inner[0] if inner else kind
-            if (section, name) in PATH_FLAGS:
+            if name in PATH_FIELDS.get(section, ()):
                 kind = cli.path_argument
             parser.add_argument(f"--{name.replace('_', '-')}", dest=f"{section}.{name}",
                                 type=kind, default=None, metavar=name.upper(),
