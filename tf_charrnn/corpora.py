@@ -383,9 +383,8 @@ def build_linux_kernel(data_dir, source=None, max_bytes=None, log=print) -> Path
 
 def _as_url(url):
     """Accept a plain local path where a URL is expected."""
-    if "://" not in url and user_path(url, "--url").exists():
-        return user_path(url, "--url").resolve().as_uri()
-    return url
+    path = None if "://" in url else user_path(url, "--url")
+    return path.resolve().as_uri() if path is not None and path.exists() else url
 
 
 def _download(url, file):
